@@ -1,0 +1,7 @@
+"""kdfast: fused knowledge-distillation losses and teacher-target shards for large vocabularies."""
+from kdfast.api import KDLoss, available_backends, kd_loss, last_backend
+from kdfast.reference import LossComponents
+
+__version__ = "0.1.0"
+
+__all__ = ["kd_loss", "KDLoss", "LossComponents", "available_backends", "last_backend", "__version__"]
