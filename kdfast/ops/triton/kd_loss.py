@@ -1,0 +1,842 @@
+"""Fused distillation loss on GPU (Triton), its gradient computed in the forward pass.
+
+Math (per active row; z student logits [V], T temperature, c = soft_weight * s, s = T^2 or 1):
+    b_j = z_j / T,  q = softmax(b),  log q_j = b_j - lse(b)
+    CE  = lse(z) - z_y                                   untempered
+    dCE/dz_j = softmax(z)_j - 1[j = y]
+    dD/dz_j  = (1/T) dD/db_j, with D the row's divergence:
+  dense teacher t:  a_j = t_j / T,  p = softmax(a)  (t_j = -inf gives p_j = 0, and 0 log 0 = 0)
+    forward KL  D = sum_j p_j (log p_j - log q_j)              dD/db_j = q_j - p_j
+    reverse KL  D = sum_j q_j (log q_j - log p_j)              dD/db_j = q_j ((log q_j - log p_j) - D)
+    jsd(beta)   M = beta p + (1 - beta) q,  D = beta KL(p||M) + (1 - beta) KL(q||M)   (TRL)
+                g_j = dD/dq_j = (1 - beta) log(q_j / M_j)      dD/db_j = q_j (g_j - sum_i q_i g_i)
+                beta = 0 is forward KL and beta = 1 is reverse KL (dispatched to those kernels).
+  sparse teacher, slots I (index -1 = empty), target mass P = sum_{i in I} p_i:
+    "logits", tail-less "logprobs": p = softmax(values / T) over valid slots (P = 1, or 0 without any)
+    "probs": p_i = values_i as given.
+    Both: D = sum_I p_i (log p_i - log q_i),  dD/db_j = P q_j - p_j 1[j in I]   (0 for an all-empty row)
+    "logprobs" + tail: p_i = exp(values_i), p_rest = max(1 - P, 0), Q = sum_I q_i, q_rest = max(1 - Q, eps)
+        D = sum_I p_i (log p_i - log q_i) + p_rest (log p_rest - log q_rest),  r = p_rest / q_rest
+        dD/db_j = (P - r Q) q_j + 1[j in I] (r q_j - p_j)
+        i.e. q_j - p_j on the slots and q_j (1 - p_rest / q_rest) elsewhere when P + p_rest = 1.
+        eps = 2^-24: 1 - Q in float32 is exact only to about an ulp of 1.0, so below that q_rest is
+        rounding noise; flooring it there keeps sum_{j not in I} q_j r <= ~2 p_rest (the exact value is
+        ~p_rest), where the reference's floor at float tiny (the CPU backend's, in double) could blow it up.
+    Row gradient: w * (hard_weight * dCE/dz + (c / T) * dD/db), w = 1/divisor ("mean") or 1;
+    backward multiplies it by grad_output (scalar, or per row for reduction="none").
+
+Numerics: float32 throughout (inputs are upcast on load, never divided by T in bf16), exponentials
+as exp2. Running maxima are kept in raw logits and subtracted before scaling, exp2((x - m) * log2(e)/T):
+scaling first would cost an ulp of 1e4 * log2(e) per logit, which KL amplifies by |log p - log q|.
+Forward and reverse KL are separable, D = (E_p[t - z] - (m_p - m_q)) / T + ln l_q - ln l_p (reverse:
+swap the roles), so they are accumulated online in the statistics pass; generalized JSD is not
+(log M_j needs both final normalizers) and takes one more pass for sum_i q_i g_i and D.
+
+Schedule: a persistent grid (one program per SM) walks the rows, one row at a time; row offsets are
+int64 (the row id is cast before the multiply).
+  pass 1 (stats): online max / sum over BLOCK_V blocks for q (tempered), softmax(z) (untempered, only
+          when T != 1 and labels are given) and p (dense), plus the online KL accumulator.
+  (jsd only: one more pass for D and sum_i q_i g_i)
+  pass 2 (grad):  re-reads the row, writes the gradient; sparse slots are then overwritten with their
+          exact value after a CTA barrier (a per-element membership test against k slots would cost
+          k compares per element; the fix-up touches k elements).
+  Ignored rows skip both passes and write zeros. compute_grad=False skips the gradient pass.
+
+H100 performance reasoning (not measured here: there was no GPU; bench/gpu.sh measures it):
+  * Bytes the op must move (bench/shapes.py): read z, read the dense teacher, write the gradient; at
+    bf16 V=128k that is 6 B/element dense, 4 B/element sparse. The second read of z (and of the teacher)
+    must come from L2 to approach copy bandwidth, so pass 1 loads with evict_last, pass 2 loads and the
+    gradient stores with evict_first (Triton emits L2 createpolicy hints on sm_80+), and pass 2 walks
+    the row backwards, so the blocks read last in pass 1 are re-read first (their reuse distance is
+    short; a forward sweep would put every block at a full-pass distance, an LRU cliff).
+  * L2 footprint between the two reads ~= rows in flight x row bytes. The persistent grid fixes the
+    rows in flight at one per SM (132), whatever the occupancy: 132 x 256 KB = 33 MB sparse, which
+    fits the 50 MB L2, and 132 x 512 KB = 67 MB dense, which does not quite; the backwards sweep still
+    turns part of that re-read into hits. Expect dense bf16 at V=128k to be furthest from the target.
+  * Whole row on chip, one read: a bf16 row at V=128k is 256 KB, more than the 228 KB of SMEM of an SM
+    and the whole 256 KB register file; Triton has no user-level distributed shared memory to spread
+    a row over a cluster, so a single-read kernel is not possible there. For V <= 32k the row would fit,
+    but then 132 rows in flight are <= 17 MB and the re-read hits L2 anyway, so no special path.
+  * BLOCK_V = 8192 (dense: two streams; 4096 for jsd, whose pass 3 needs more registers) / 16384
+    (sparse: one stream), 16 warps: 16-32 elements per thread per stream, 32 KB in flight per SM per
+    iteration, which covers HBM latency (Little's law: 3.35 TB/s x ~1 us / 132 SMs ~= 25 KB per SM).
+    sm_90 ptxas gives these 61-106 registers per thread with at most 8 B of spills (checked with
+    Triton 3.6 and 3.9, AOT, no GPU), so two 512-thread CTAs could share an SM: more latency hiding,
+    but twice the rows in flight and the L2 footprint. _PROGRAMS_PER_SM (1) is the knob to sweep on
+    the GPU, with the BLOCK_V constants (num_warps follows them).
+    Loads are 16-byte vectors when V is a multiple of 16 (Triton specializes on it; all common
+    vocabularies are), scalar otherwise.
+    Arithmetic: pass 1 is 2-3 ex2 per element (q, p, untempered CE when T != 1), pass 2 the same;
+    ~6 ex2/element at ~475 G elements/s (85% of 3.35 TB/s over 6 B) is ~2.9 T ex2/s, below the
+    ~3.8 T/s MUFU rate of H100, so the kernel should stay memory-bound, with little headroom at T != 1.
+  * Backward: scaling [N, V] by grad_output would move 4 B/element more; the scale kernel reads
+    grad_output on the device and skips rows whose factor is exactly 1 (the usual case for a loss that
+    is the final scalar), so there is no host sync and, usually, no traffic. That needs the gradient
+    buffer to be the op's own; with inplace=True it is the caller's logits, which keep the unscaled
+    gradient, and backward writes a scaled copy (a full read + write).
+  * No [N, V] float32 temporaries: the gradient is written in the logits' dtype (into the logits
+    themselves when inplace=True); statistics are per-row scalars; loss rows are [N] float32.
+
+Compile safety: the forward and the gradient scale are ``torch.library.custom_op``s (opaque to
+Dynamo/Inductor, with fake implementations), wrapped in one ``autograd.Function``; nothing calls
+.item() or synchronizes with the host, so the op can be captured in CUDA graphs. Backward scales the
+op's gradient buffer in place, so it runs once per forward: a second backward through a retained
+graph raises (the buffer's version changed) instead of scaling twice. Under torch.compile the in-place
+op (inplace=True) is functionalized like any mutating op; whether the logits buffer is then reused
+is up to Inductor's re-inplacing, the values are the same.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kdfast import _backend
+from kdfast._contract import LossOptions
+
+__all__ = ["kd_loss"]
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+_Q_REST_FLOOR = tl.constexpr(2.0**-24)
+_FORWARD_KL = tl.constexpr(0)
+_REVERSE_KL = tl.constexpr(1)
+_JSD = tl.constexpr(2)
+_SLOT_SOFTMAX = tl.constexpr(0)  # "logits", and "logprobs" without the tail bucket
+_SLOT_PROBS = tl.constexpr(1)
+_SLOT_TAIL = tl.constexpr(2)
+
+# Vocabulary block per loop iteration at 16 warps; see the module docstring. jsd at 8192 hit the
+# 128-register cap of 512 threads and spilled (sm_90 ptxas), hence its smaller block. Tests shrink
+# these to make rows span several blocks; under the interpreter small blocks keep CPU tests fast.
+_DENSE_BLOCK_V = 8192
+_JSD_BLOCK_V = 4096
+_SPARSE_BLOCK_V = 16384
+_INTERPRET_BLOCK_V = 1024
+_MAX_WARPS = 16
+# Persistent grid: programs per SM, i.e. rows in flight per SM (see the L2 footprint above); under
+# the interpreter a few programs, so that tests walk several rows per program.
+_PROGRAMS_PER_SM = 1
+_INTERPRET_PROGRAMS = 3
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_offset(row_id, row_stride):
+    """Element offset of a row; int64 so that N * V beyond 2^31 does not wrap."""
+    return tl.cast(row_id, tl.int64) * row_stride
+
+
+@triton.jit
+def _row_label(labels_ptr, row, ignore_index, HAS_LABELS: tl.constexpr):
+    if HAS_LABELS:
+        y = tl.load(labels_ptr + row)
+        active = y != ignore_index
+    else:
+        y = -1
+        active = True
+    return y, active
+
+
+@triton.jit
+def _rescale(m, x, scale):
+    """Online max step over raw logits x: new max, factor for the old sum, exp2((x - new max) * scale).
+
+    Shifting before scaling keeps logits of 1e4 exact: scaling first costs an ulp of 1e4 * log2(e),
+    which KL amplifies by |log p - log q| (up to ~1e4 too)."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    # All -inf so far (masked lanes, teacher -inf): -inf - -inf would be NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, tl.exp2((m - m_safe) * scale), tl.exp2((x - m_safe) * scale)
+
+
+@triton.jit
+def _logaddexp2(x, y):
+    mx = tl.maximum(x, y)
+    return mx + tl.log2(1.0 + tl.exp2(-tl.abs(x - y)))
+
+
+@triton.jit
+def _to_store(x, ptr, EMULATE_RTNE: tl.constexpr):
+    """x in the element type of ptr. The interpreter truncates float32 -> bfloat16 where the GPU rounds
+    to nearest even; EMULATE_RTNE (interpreter and bf16 only) rounds the bits first, so CPU tests see
+    GPU numerics."""
+    if EMULATE_RTNE:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _store_row_results(loss_rows_ptr, ce_rows_ptr, div_rows_ptr, row, ce, div, hard_weight, soft_scale):
+    tl.store(loss_rows_ptr + row, hard_weight * ce + soft_scale * div)
+    tl.store(ce_rows_ptr + row, ce)
+    tl.store(div_rows_ptr + row, div)
+
+
+@triton.jit
+def _ignored_row(g_row, loss_rows_ptr, ce_rows_ptr, div_rows_ptr, row, V, COMPUTE_GRAD: tl.constexpr,
+                 BLOCK_V: tl.constexpr):
+    _store_row_results(loss_rows_ptr, ce_rows_ptr, div_rows_ptr, row, 0.0, 0.0, 0.0, 0.0)
+    if COMPUTE_GRAD:
+        offs = tl.arange(0, BLOCK_V)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            tl.store(g_row + cols, tl.zeros([BLOCK_V], dtype=g_row.dtype.element_ty), mask=cols < V)
+
+
+@triton.jit
+def _grad_weights(divisor_ptr, hard_weight, soft_grad, MEAN: tl.constexpr):
+    """Factors of the CE term and of dD/db in the gradient, including the "mean" 1/divisor."""
+    w = 1.0
+    if MEAN:
+        w = 1.0 / tl.load(divisor_ptr)
+    return hard_weight * w, soft_grad * w
+
+
+@triton.jit
+def _ce_value(z_row, y, m_c, log2l_c):
+    """CE = lse(z) - z_y = (m_c - z_y) + ln(l_c), with m_c the raw max."""
+    return (m_c - tl.load(z_row + y).to(tl.float32)) + _LN2 * log2l_c
+
+
+@triton.jit
+def _ce_term(q, z, cols, y, m_c, log2l_c, SAME_T: tl.constexpr):
+    """softmax(z)_j - 1[j = y]; at T = 1 softmax(z) is q itself."""
+    if SAME_T:
+        sm = q
+    else:
+        sm = tl.exp2((z - m_c) * _LOG2E - log2l_c)
+    return sm - tl.where(cols == y, 1.0, 0.0)
+
+
+@triton.jit
+def _dense_stats(z_row, t_row, V, scale2, DIVERGENCE: tl.constexpr, CE_STATS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Pass 1: raw maxima m and log2-scaled sums l of q, p and (CE_STATS) softmax(z), plus the online
+    sum_j e_j (t_j - z_j) under p (forward KL) or e_j (z_j - t_j) under q (reverse KL)."""
+    m_q = float("-inf")
+    l_q = 0.0
+    m_p = float("-inf")
+    l_p = 0.0
+    m_c = float("-inf")
+    l_c = 0.0
+    acc = 0.0
+    offs = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        mask = cols < V
+        z = tl.load(z_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+        t = tl.load(t_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+        m_q_new, alpha_q, e_q = _rescale(m_q, z, scale2)
+        m_p_new, alpha_p, e_p = _rescale(m_p, t, scale2)
+        l_q = l_q * alpha_q + tl.sum(e_q, axis=0)
+        l_p = l_p * alpha_p + tl.sum(e_p, axis=0)
+        if DIVERGENCE == _FORWARD_KL:
+            acc = acc * alpha_p + tl.sum(tl.where(e_p > 0, e_p * (t - z), 0.0), axis=0)
+        if DIVERGENCE == _REVERSE_KL:
+            acc = acc * alpha_q + tl.sum(tl.where(e_q > 0, e_q * (z - t), 0.0), axis=0)
+        if CE_STATS:
+            m_c_new, alpha_c, e_c = _rescale(m_c, z, _LOG2E)
+            l_c = l_c * alpha_c + tl.sum(e_c, axis=0)
+            m_c = m_c_new
+        m_q = m_q_new
+        m_p = m_p_new
+    return m_q, l_q, m_p, l_p, m_c, l_c, acc
+
+
+@triton.jit
+def _jsd_sums(z_row, t_row, V, m_q, log2l_q, m_p, log2l_p, scale2, log2_beta, log2_1m_beta, BLOCK_V: tl.constexpr):
+    """Pass 2 of jsd, backwards (L2 reuse): sum_j p_j log2(p_j / M_j) and sum_j q_j log2(q_j / M_j)."""
+    sp = 0.0
+    sq = 0.0
+    offs = tl.arange(0, BLOCK_V)
+    num_blocks = tl.cdiv(V, BLOCK_V)
+    for i in range(num_blocks):
+        cols = (num_blocks - 1 - i) * BLOCK_V + offs
+        mask = cols < V
+        z = tl.load(z_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+        t = tl.load(t_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+        lq = (z - m_q) * scale2 - log2l_q
+        lp = (t - m_p) * scale2 - log2l_p
+        lm = _logaddexp2(lp + log2_beta, lq + log2_1m_beta)
+        q = tl.exp2(lq)
+        p = tl.exp2(lp)
+        sq += tl.sum(tl.where(q > 0, q * (lq - lm), 0.0), axis=0)
+        sp += tl.sum(tl.where(p > 0, p * (lp - lm), 0.0), axis=0)
+    return sp, sq
+
+
+@triton.jit
+def _dense_grad_pass(z_row, t_row, g_row, V, y, m_q, log2l_q, m_p, log2l_p, m_c, log2l_c, div, sq, scale2, kh, ks,
+                     beta, log2_beta, log2_1m_beta, DIVERGENCE: tl.constexpr, HARD: tl.constexpr,
+                     SAME_T: tl.constexpr, EMULATE_RTNE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Last pass: the gradient, walking opposite to the previous pass (its last blocks are in L2)."""
+    offs = tl.arange(0, BLOCK_V)
+    num_blocks = tl.cdiv(V, BLOCK_V)
+    for i in range(num_blocks):
+        if DIVERGENCE == _JSD:
+            block = i
+        else:
+            block = num_blocks - 1 - i
+        cols = block * BLOCK_V + offs
+        mask = cols < V
+        z = tl.load(z_row + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        t = tl.load(t_row + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        lq = (z - m_q) * scale2 - log2l_q
+        lp = (t - m_p) * scale2 - log2l_p
+        q = tl.exp2(lq)
+        if DIVERGENCE == _FORWARD_KL:
+            d = q - tl.exp2(lp)
+        elif DIVERGENCE == _REVERSE_KL:
+            d = tl.where(q > 0, q * (_LN2 * (lq - lp) - div), 0.0)
+        else:
+            lm = _logaddexp2(lp + log2_beta, lq + log2_1m_beta)
+            d = (1.0 - beta) * _LN2 * (tl.where(q > 0, q * (lq - lm), 0.0) - q * sq)
+        g = ks * d
+        if HARD:
+            g += kh * _ce_term(q, z, cols, y, m_c, log2l_c, SAME_T)
+        tl.store(g_row + cols, _to_store(g, g_row, EMULATE_RTNE), mask=mask, eviction_policy="evict_first")
+
+
+@triton.jit
+def _kd_loss_dense_kernel(
+    logits_ptr,  # [N, V] student logits, fp32/bf16/fp16
+    teacher_ptr,  # [N, V] teacher logits, -inf allowed
+    labels_ptr,  # [N] int64 (unread without labels)
+    divisor_ptr,  # [] float32 "mean" denominator (unread otherwise)
+    grad_ptr,  # [N, V] gradient out, logits dtype; the logits themselves when inplace
+    loss_rows_ptr,  # [N] float32 hard_weight * CE + c * D
+    ce_rows_ptr,  # [N] float32 CE
+    div_rows_ptr,  # [N] float32 D
+    N,
+    V,
+    ignore_index,
+    scale2,  # log2(e) / T
+    inv_t,  # 1 / T
+    hard_weight,
+    soft_grad,  # c / T
+    soft_scale,  # c
+    beta,
+    log2_beta,
+    log2_1m_beta,
+    DIVERGENCE: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    HARD: tl.constexpr,  # labels and hard_weight != 0: the CE gradient term is written
+    SAME_T: tl.constexpr,  # T == 1: softmax(z) is q
+    MEAN: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    # Persistent: each program walks rows, so the rows in flight (and the L2 footprint between the
+    # reads of a row) are set by the grid, not by occupancy.
+    for row in range(tl.program_id(0), N, tl.num_programs(0)):
+        base = _row_offset(row, V)
+        z_row = logits_ptr + base
+        t_row = teacher_ptr + base
+        g_row = grad_ptr + base
+        y, active = _row_label(labels_ptr, row, ignore_index, HAS_LABELS)
+        if active:
+            m_q, l_q, m_p, l_p, m_c, l_c, acc = _dense_stats(
+                z_row, t_row, V, scale2, DIVERGENCE, HAS_LABELS and not SAME_T, BLOCK_V
+            )
+            log2l_q = tl.log2(l_q)
+            log2l_p = tl.log2(l_p)
+            if SAME_T:
+                m_c = m_q
+                log2l_c = log2l_q
+            else:
+                log2l_c = tl.log2(l_c)
+            sq = 0.0
+            if DIVERGENCE == _FORWARD_KL:  # D = E_p[t - z] / T - (m_p - m_q) / T + ln l_q - ln l_p
+                div = (acc / l_p - (m_p - m_q)) * inv_t + _LN2 * (log2l_q - log2l_p)
+            elif DIVERGENCE == _REVERSE_KL:
+                div = (acc / l_q - (m_q - m_p)) * inv_t + _LN2 * (log2l_p - log2l_q)
+            else:
+                sp, sq = _jsd_sums(z_row, t_row, V, m_q, log2l_q, m_p, log2l_p, scale2, log2_beta, log2_1m_beta,
+                                   BLOCK_V)
+                div = _LN2 * (beta * sp + (1.0 - beta) * sq)
+            ce = 0.0
+            if HAS_LABELS:
+                ce = _ce_value(z_row, y, m_c, log2l_c)
+            _store_row_results(loss_rows_ptr, ce_rows_ptr, div_rows_ptr, row, ce, div, hard_weight, soft_scale)
+            if COMPUTE_GRAD:
+                kh, ks = _grad_weights(divisor_ptr, hard_weight, soft_grad, MEAN)
+                _dense_grad_pass(z_row, t_row, g_row, V, y, m_q, log2l_q, m_p, log2l_p, m_c, log2l_c, div, sq, scale2,
+                                 kh, ks, beta, log2_beta, log2_1m_beta, DIVERGENCE, HARD, SAME_T, EMULATE_RTNE,
+                                 BLOCK_V)
+        else:
+            _ignored_row(g_row, loss_rows_ptr, ce_rows_ptr, div_rows_ptr, row, V, COMPUTE_GRAD, BLOCK_V)
+
+
+@triton.jit
+def _sparse_stats(z_row, V, scale2, CE_STATS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Pass 1: raw maxima and log2-scaled sums of q and (CE_STATS) softmax(z)."""
+    m_q = float("-inf")
+    l_q = 0.0
+    m_c = float("-inf")
+    l_c = 0.0
+    offs = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        z = tl.load(z_row + cols, mask=cols < V, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+        m_q_new, alpha_q, e_q = _rescale(m_q, z, scale2)
+        l_q = l_q * alpha_q + tl.sum(e_q, axis=0)
+        m_q = m_q_new
+        if CE_STATS:
+            m_c_new, alpha_c, e_c = _rescale(m_c, z, _LOG2E)
+            l_c = l_c * alpha_c + tl.sum(e_c, axis=0)
+            m_c = m_c_new
+    return m_q, l_q, m_c, l_c
+
+
+@triton.jit
+def _slot_targets(vals, valid, lq_s, q_s, scale2, KIND: tl.constexpr):
+    """Per slot p_i (0 on empty slots), and the row's D, the weight alpha of q_j everywhere and the
+    extra weight r of q_i on the slots: dD/db_j = alpha q_j + 1[j in I] (r q_j - p_j)."""
+    if KIND == _SLOT_SOFTMAX:
+        v_s = tl.where(valid, vals, float("-inf"))
+        m_s = tl.max(v_s, axis=0)
+        m_s = tl.where(m_s == float("-inf"), 0.0, m_s)  # no valid slot: p = 0, D = 0
+        e_s = tl.exp2((v_s - m_s) * scale2)
+        l_s = tl.sum(e_s, axis=0)
+        l_s = tl.where(l_s > 0, l_s, 1.0)
+        p_s = e_s / l_s
+        lp_s = (v_s - m_s) * scale2 - tl.log2(l_s)
+    elif KIND == _SLOT_PROBS:
+        p_s = tl.where(valid, vals, 0.0)
+        lp_s = tl.log2(p_s)
+    else:
+        lp_s = vals * _LOG2E
+        p_s = tl.where(valid, tl.exp2(lp_s), 0.0)
+    mass_p = tl.sum(p_s, axis=0)
+    div = _LN2 * tl.sum(tl.where(p_s > 0, p_s * (lp_s - lq_s), 0.0), axis=0)
+    r = 0.0
+    alpha = mass_p
+    if KIND == _SLOT_TAIL:
+        mass_q = tl.sum(q_s, axis=0)
+        p_rest = tl.maximum(1.0 - mass_p, 0.0)
+        q_rest = tl.maximum(1.0 - mass_q, _Q_REST_FLOOR)
+        div += tl.where(p_rest > 0, p_rest * (tl.log(p_rest) - tl.log(q_rest)), 0.0)
+        r = p_rest / q_rest
+        alpha = mass_p - r * mass_q
+    return p_s, div, alpha, r
+
+
+@triton.jit
+def _sparse_grad_pass(z_row, g_row, V, y, m_q, log2l_q, m_c, log2l_c, scale2, kh, ks_alpha, HARD: tl.constexpr,
+                      SAME_T: tl.constexpr, EMULATE_RTNE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Pass 2, backwards (L2 reuse): the gradient off the slots, kh * CE term + ks * alpha * q_j."""
+    offs = tl.arange(0, BLOCK_V)
+    num_blocks = tl.cdiv(V, BLOCK_V)
+    for i in range(num_blocks):
+        cols = (num_blocks - 1 - i) * BLOCK_V + offs
+        mask = cols < V
+        z = tl.load(z_row + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        q = tl.exp2((z - m_q) * scale2 - log2l_q)
+        g = ks_alpha * q
+        if HARD:
+            g += kh * _ce_term(q, z, cols, y, m_c, log2l_c, SAME_T)
+        tl.store(g_row + cols, _to_store(g, g_row, EMULATE_RTNE), mask=mask, eviction_policy="evict_first")
+
+
+@triton.jit
+def _kd_loss_sparse_kernel(
+    logits_ptr,  # [N, V] student logits, fp32/bf16/fp16
+    indices_ptr,  # [N, K] int32/int64, -1 = empty slot
+    values_ptr,  # [N, K] teacher logits / logprobs / probs of the slots
+    labels_ptr,  # [N] int64 (unread without labels)
+    divisor_ptr,  # [] float32 "mean" denominator (unread otherwise)
+    grad_ptr,  # [N, V] gradient out, logits dtype; the logits themselves when inplace
+    loss_rows_ptr,  # [N] float32 hard_weight * CE + c * D
+    ce_rows_ptr,  # [N] float32 CE
+    div_rows_ptr,  # [N] float32 D
+    N,
+    V,
+    K,
+    ignore_index,
+    scale2,  # log2(e) / T
+    hard_weight,
+    soft_grad,  # c / T
+    soft_scale,  # c
+    KIND: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    HARD: tl.constexpr,
+    SAME_T: tl.constexpr,
+    MEAN: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    koffs = tl.arange(0, BLOCK_K)
+    for row in range(tl.program_id(0), N, tl.num_programs(0)):  # persistent, as the dense kernel
+        z_row = logits_ptr + _row_offset(row, V)
+        g_row = grad_ptr + _row_offset(row, V)
+        y, active = _row_label(labels_ptr, row, ignore_index, HAS_LABELS)
+        if active:
+            m_q, l_q, m_c, l_c = _sparse_stats(z_row, V, scale2, HAS_LABELS and not SAME_T, BLOCK_V)
+            log2l_q = tl.log2(l_q)
+            if SAME_T:
+                m_c = m_q
+                log2l_c = log2l_q
+            else:
+                log2l_c = tl.log2(l_c)
+            # Slots, gathered before the gradient pass overwrites the logits (inplace).
+            slot_base = _row_offset(row, K)
+            idx = tl.load(indices_ptr + slot_base + koffs, mask=koffs < K, other=-1)
+            valid = idx >= 0
+            vals = tl.load(values_ptr + slot_base + koffs, mask=valid, other=0.0).to(tl.float32)
+            z_s = tl.load(z_row + idx, mask=valid, other=0.0).to(tl.float32)
+            lq_s = (z_s - m_q) * scale2 - log2l_q
+            q_s = tl.where(valid, tl.exp2(lq_s), 0.0)
+            p_s, div, alpha, r = _slot_targets(vals, valid, lq_s, q_s, scale2, KIND)
+            ce = 0.0
+            if HAS_LABELS:
+                ce = _ce_value(z_row, y, m_c, log2l_c)
+            _store_row_results(loss_rows_ptr, ce_rows_ptr, div_rows_ptr, row, ce, div, hard_weight, soft_scale)
+            if COMPUTE_GRAD:
+                kh, ks = _grad_weights(divisor_ptr, hard_weight, soft_grad, MEAN)
+                _sparse_grad_pass(z_row, g_row, V, y, m_q, log2l_q, m_c, log2l_c, scale2, kh, ks * alpha, HARD, SAME_T,
+                                  EMULATE_RTNE, BLOCK_V)
+                # The slot values replace what the sweep wrote there: order the CTA's stores first.
+                tl.debug_barrier()
+                g_s = ks * ((alpha + r) * q_s - p_s)
+                if HARD:
+                    g_s += kh * _ce_term(q_s, z_s, idx, y, m_c, log2l_c, SAME_T)
+                tl.store(g_row + idx, _to_store(g_s, g_row, EMULATE_RTNE), mask=valid)
+        else:
+            _ignored_row(g_row, loss_rows_ptr, ce_rows_ptr, div_rows_ptr, row, V, COMPUTE_GRAD, BLOCK_V)
+
+
+@triton.jit
+def _scale_grad_kernel(
+    grad_ptr,  # [N, V] stored gradient
+    out_ptr,  # [N, V] scaled gradient; grad_ptr itself when IN_PLACE
+    scale_ptr,  # [N] (stride scale_stride) or [] (stride 0) grad_output
+    scale_stride,
+    V,
+    IN_PLACE: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    g_row = grad_ptr + _row_offset(row, V)
+    o_row = out_ptr + _row_offset(row, V)
+    scale = tl.load(scale_ptr + _row_offset(row, scale_stride)).to(tl.float32)
+    # Decided on the device: in place, a factor of exactly 1 (the usual final loss) moves no memory.
+    if (not IN_PLACE) or scale != 1.0:
+        offs = tl.arange(0, BLOCK_V)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            mask = cols < V
+            g = tl.load(g_row + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            g = _to_store(g * scale, o_row, EMULATE_RTNE)
+            tl.store(o_row + cols, g, mask=mask, eviction_policy="evict_first")
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher: check, allocate, launch
+# ----------------------------------------------------------------------------------------------
+
+
+def _launch_config(vocab: int, block_cap: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps): ``block_cap`` elements per iteration on 16 warps, fewer of both for small V."""
+    if _backend.triton_interpret():
+        block_cap = min(block_cap, _INTERPRET_BLOCK_V)
+    block = min(triton.next_power_of_2(vocab), block_cap)
+    return block, max(4, _MAX_WARPS * block // block_cap)
+
+
+def _grid(n_rows: int, device: torch.device) -> tuple[int]:
+    if _backend.triton_interpret():
+        return (min(n_rows, _INTERPRET_PROGRAMS),)
+    return (min(n_rows, _sm_count(device.index) * _PROGRAMS_PER_SM),)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _emulate_rtne(tensor: torch.Tensor) -> bool:
+    return tensor.dtype == torch.bfloat16 and _backend.triton_interpret()
+
+
+def _effective_divergence(opts: LossOptions) -> int:
+    if opts.divergence == "forward_kl" or (opts.divergence == "jsd" and opts.beta == 0.0):
+        return _FORWARD_KL.value
+    if opts.divergence == "reverse_kl" or (opts.divergence == "jsd" and opts.beta == 1.0):
+        return _REVERSE_KL.value
+    return _JSD.value
+
+
+def _slot_kind(opts: LossOptions) -> int:
+    if opts.teacher_kind == "probs":
+        return _SLOT_PROBS.value
+    if opts.teacher_kind == "logprobs" and opts.tail:
+        return _SLOT_TAIL.value
+    return _SLOT_SOFTMAX.value
+
+
+def _check(logits, labels, teacher_logits, teacher_indices, teacher_values, divisor, opts: LossOptions) -> None:
+    """Backend preconditions that api.py establishes; a direct caller gets a ValueError, not a fault."""
+    if logits.dim() != 2 or not logits.is_contiguous():
+        raise ValueError(f"triton kd_loss: logits must be contiguous [N, V], got shape {tuple(logits.shape)}")
+    tensors = {"labels": labels, "teacher_logits": teacher_logits, "teacher_indices": teacher_indices,
+               "teacher_values": teacher_values, "divisor": divisor}
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != logits.device:
+            raise ValueError(f"triton kd_loss: {name} is on {tensor.device} but logits are on {logits.device}")
+    if (teacher_logits is None) == (teacher_indices is None or teacher_values is None):
+        raise ValueError("triton kd_loss: give exactly one of teacher_logits or teacher_indices + teacher_values")
+    if opts.reduction == "mean" and divisor is None:
+        raise ValueError("triton kd_loss: reduction='mean' needs the divisor tensor, got None")
+
+
+def _launch(
+    logits: torch.Tensor,  # [N, V]
+    labels: torch.Tensor | None,  # [N] int64
+    teacher_logits: torch.Tensor | None,  # [N, V]
+    teacher_indices: torch.Tensor | None,  # [N, k]
+    teacher_values: torch.Tensor | None,  # [N, k]
+    divisor: torch.Tensor | None,  # [] float32
+    grad: torch.Tensor,  # [N, V] gradient destination (the logits when inplace); unused without compute_grad
+    opts: LossOptions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Runs the forward kernel; returns (loss, ce_rows, div_rows) and fills ``grad`` when compute_grad."""
+    n, vocab = logits.shape
+    loss_rows = torch.empty(n, dtype=torch.float32, device=logits.device)  # [N]
+    ce_rows = torch.empty_like(loss_rows)  # [N]
+    div_rows = torch.empty_like(loss_rows)  # [N]
+    has_labels = labels is not None
+    mean = opts.reduction == "mean"
+    grid = _grid(n, logits.device)
+    common = dict(
+        labels_ptr=labels if has_labels else loss_rows,
+        divisor_ptr=divisor if mean else loss_rows,
+        grad_ptr=grad,
+        loss_rows_ptr=loss_rows,
+        ce_rows_ptr=ce_rows,
+        div_rows_ptr=div_rows,
+        N=n,
+        V=vocab,
+        ignore_index=opts.ignore_index,
+        scale2=math.log2(math.e) / opts.temperature,
+        hard_weight=opts.hard_weight,
+        soft_grad=opts.soft_scale / opts.temperature,
+        soft_scale=opts.soft_scale,
+        HAS_LABELS=has_labels,
+        HARD=has_labels and opts.hard_weight != 0.0,
+        SAME_T=opts.temperature == 1.0,
+        MEAN=mean,
+        COMPUTE_GRAD=opts.compute_grad,
+        EMULATE_RTNE=_emulate_rtne(logits),
+    )
+    if teacher_logits is not None:
+        divergence = _effective_divergence(opts)
+        jsd = divergence == _JSD.value  # 0 < beta < 1 there; the logs are unused otherwise
+        block, warps = _launch_config(vocab, _JSD_BLOCK_V if jsd else _DENSE_BLOCK_V)
+        _kd_loss_dense_kernel[grid](
+            logits, teacher_logits, **common, inv_t=1.0 / opts.temperature, beta=opts.beta,
+            log2_beta=math.log2(opts.beta) if jsd else 0.0, log2_1m_beta=math.log2(1.0 - opts.beta) if jsd else 0.0,
+            DIVERGENCE=divergence, BLOCK_V=block, num_warps=warps,
+        )
+    else:
+        k = teacher_indices.shape[1]
+        block, warps = _launch_config(vocab, _SPARSE_BLOCK_V)
+        _kd_loss_sparse_kernel[grid](
+            logits, teacher_indices, teacher_values, **common, K=k, KIND=_slot_kind(opts),
+            BLOCK_V=block, BLOCK_K=triton.next_power_of_2(k), num_warps=warps,
+        )
+    if opts.reduction == "none":
+        return loss_rows, ce_rows, div_rows
+    loss = loss_rows.sum()
+    return (loss / divisor if mean else loss), ce_rows, div_rows
+
+
+def _scale_grad(
+    grad: torch.Tensor,  # [N, V]
+    grad_output: torch.Tensor,  # [] or [N]
+    out: torch.Tensor,  # [N, V], may be grad itself
+) -> None:
+    n, vocab = grad.shape
+    scale_stride = grad_output.stride(0) if grad_output.dim() == 1 else 0
+    block, warps = _launch_config(vocab, _SPARSE_BLOCK_V)
+    _scale_grad_kernel[(n,)](
+        grad, out, grad_output, scale_stride, vocab, IN_PLACE=out is grad, EMULATE_RTNE=_emulate_rtne(out),
+        BLOCK_V=block, num_warps=warps,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops (opaque to torch.compile) and the autograd.Function
+# ----------------------------------------------------------------------------------------------
+
+
+def _options(temperature, hard_weight, soft_weight, divergence, beta, teacher_kind, tail, ignore_index,
+             reduction, scale_t2, compute_grad, inplace) -> LossOptions:
+    return LossOptions(
+        temperature=temperature, hard_weight=hard_weight, soft_weight=soft_weight, divergence=divergence,
+        beta=beta, teacher_kind=teacher_kind, tail=tail, ignore_index=ignore_index, reduction=reduction,
+        scale_t2=scale_t2, inplace=inplace, compute_grad=compute_grad,
+    )
+
+
+def _option_args(opts: LossOptions) -> tuple:
+    return (opts.temperature, opts.hard_weight, opts.soft_weight, opts.divergence, opts.beta, opts.teacher_kind,
+            opts.tail, opts.ignore_index, opts.reduction, opts.scale_t2, opts.compute_grad)
+
+
+def _fake_outputs(logits: torch.Tensor, reduction: str):
+    n = logits.shape[0]
+    loss = logits.new_empty((n,) if reduction == "none" else (), dtype=torch.float32)
+    return loss, logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("kdfast::triton_kd_loss", mutates_args=())
+def _kd_loss_op(
+    logits: torch.Tensor,  # [N, V]
+    labels: torch.Tensor | None,  # [N]
+    teacher_logits: torch.Tensor | None,  # [N, V]
+    teacher_indices: torch.Tensor | None,  # [N, k]
+    teacher_values: torch.Tensor | None,  # [N, k]
+    divisor: torch.Tensor | None,  # []
+    temperature: float,
+    hard_weight: float,
+    soft_weight: float,
+    divergence: str,
+    beta: float,
+    teacher_kind: str,
+    tail: bool,
+    ignore_index: int,
+    reduction: str,
+    scale_t2: bool,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ce_rows, div_rows, grad [N, V], or [0] without compute_grad) into a new gradient buffer."""
+    opts = _options(temperature, hard_weight, soft_weight, divergence, beta, teacher_kind, tail, ignore_index,
+                    reduction, scale_t2, compute_grad, inplace=False)
+    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    teacher = (teacher_logits, teacher_indices, teacher_values)
+    loss, ce_rows, div_rows = _launch(logits, labels, *teacher, divisor, grad, opts)
+    return loss, ce_rows, div_rows, grad
+
+
+@_kd_loss_op.register_fake
+def _(logits, labels, teacher_logits, teacher_indices, teacher_values, divisor, temperature, hard_weight,
+      soft_weight, divergence, beta, teacher_kind, tail, ignore_index, reduction, scale_t2, compute_grad):
+    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    return (*_fake_outputs(logits, reduction), grad)
+
+
+@torch.library.custom_op("kdfast::triton_kd_loss_inplace_", mutates_args=("logits",))
+def _kd_loss_inplace_op(
+    logits: torch.Tensor,  # [N, V], overwritten by the gradient
+    labels: torch.Tensor | None,  # [N]
+    teacher_logits: torch.Tensor | None,  # [N, V]
+    teacher_indices: torch.Tensor | None,  # [N, k]
+    teacher_values: torch.Tensor | None,  # [N, k]
+    divisor: torch.Tensor | None,  # []
+    temperature: float,
+    hard_weight: float,
+    soft_weight: float,
+    divergence: str,
+    beta: float,
+    teacher_kind: str,
+    tail: bool,
+    ignore_index: int,
+    reduction: str,
+    scale_t2: bool,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ce_rows, div_rows); the gradient replaces the logits."""
+    opts = _options(temperature, hard_weight, soft_weight, divergence, beta, teacher_kind, tail, ignore_index,
+                    reduction, scale_t2, compute_grad, inplace=True)
+    return _launch(logits, labels, teacher_logits, teacher_indices, teacher_values, divisor, logits, opts)
+
+
+@_kd_loss_inplace_op.register_fake
+def _(logits, labels, teacher_logits, teacher_indices, teacher_values, divisor, temperature, hard_weight,
+      soft_weight, divergence, beta, teacher_kind, tail, ignore_index, reduction, scale_t2, compute_grad):
+    return _fake_outputs(logits, reduction)
+
+
+@torch.library.custom_op("kdfast::triton_kd_loss_scale_grad_", mutates_args=("grad",))
+def _scale_grad_inplace_op(
+    grad: torch.Tensor,  # [N, V]
+    grad_output: torch.Tensor,  # [] or [N]
+) -> None:
+    _scale_grad(grad, grad_output, grad)
+
+
+@_scale_grad_inplace_op.register_fake
+def _(grad, grad_output):
+    return None
+
+
+@torch.library.custom_op("kdfast::triton_kd_loss_scaled_grad", mutates_args=())
+def _scaled_grad_op(
+    grad: torch.Tensor,  # [N, V]
+    grad_output: torch.Tensor,  # [] or [N]
+) -> torch.Tensor:  # [N, V]
+    out = torch.empty_like(grad)
+    _scale_grad(grad, grad_output, out)
+    return out
+
+
+@_scaled_grad_op.register_fake
+def _(grad, grad_output):
+    return torch.empty_like(grad)
+
+
+class _KDLossFunction(torch.autograd.Function):
+    """Forward runs the fused kernel and keeps its gradient; backward scales it by grad_output.
+
+    The kernel's own gradient buffer is scaled in place (the mutation bumps its version, so a second
+    backward through a retained graph raises instead of scaling twice). With inplace=True the buffer
+    is the caller's logits, which keep the unscaled gradient: backward returns a scaled copy.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, teacher_logits, teacher_indices, teacher_values, divisor, opts: LossOptions):
+        args = (logits, labels, teacher_logits, teacher_indices, teacher_values, divisor, *_option_args(opts))
+        ctx.grad_in_logits = opts.inplace and opts.compute_grad
+        if ctx.grad_in_logits:
+            loss, ce_rows, div_rows = torch.ops.kdfast.triton_kd_loss_inplace_(*args)
+            grad = logits
+        else:
+            loss, ce_rows, div_rows, grad = torch.ops.kdfast.triton_kd_loss(*args)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(ce_rows, div_rows)
+        return loss, ce_rows, div_rows
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_div):
+        (grad,) = ctx.saved_tensors
+        if ctx.grad_in_logits:
+            grad = torch.ops.kdfast.triton_kd_loss_scaled_grad(grad, grad_loss.float())
+        else:
+            torch.ops.kdfast.triton_kd_loss_scale_grad_(grad, grad_loss.float())
+        return grad, None, None, None, None, None, None
+
+
+def kd_loss(
+    logits: torch.Tensor,  # [N, V] fp32/bf16/fp16, contiguous; overwritten by the gradient if opts.inplace
+    labels: torch.Tensor | None,  # [N] int64, or None
+    teacher_logits: torch.Tensor | None,  # [N, V], or None
+    teacher_indices: torch.Tensor | None,  # [N, k] int32/int64, or None
+    teacher_values: torch.Tensor | None,  # [N, k], or None
+    divisor: torch.Tensor | None,  # [] float32 on the logits' device, for reduction="mean"
+    opts: LossOptions,
+):
+    """The backend entry point of ``_contract.py``: (loss, ce_rows, div_rows)."""
+    _check(logits, labels, teacher_logits, teacher_indices, teacher_values, divisor, opts)
+    return _KDLossFunction.apply(logits, labels, teacher_logits, teacher_indices, teacher_values, divisor, opts)
