@@ -1,0 +1,142 @@
+"""ShardDataset: teacher targets as ready-to-train tensors, in a reproducible, rank-sliced order.
+
+Alignment (the same convention as Hugging Face causal-LM labels, shifted here once): a stored
+sequence x[0..L-1] yields
+
+    input_ids[i]       = x[i]                                   [L] int64
+    labels[i]          = x[i + 1] for i < L - 1, labels[L-1] = -100   [L] int64
+    teacher_indices[i] = the teacher's top-k / sampled ids for the token after x[0..i]   [L, k]
+    teacher_values[i]  = their log-probs (kind "logprobs") or probabilities ("probs")   [L, k]
+    teacher_tail[i]    = log of the teacher mass outside those slots (-inf: none)       [L] float32
+
+so row i of the student's logits (computed from x[0..i]) is compared with labels[i] and with the
+teacher targets of row i, exactly what ``kdfast.kd_loss(logits, labels, teacher_indices=...,
+teacher_values=..., teacher_kind=dataset.kind)`` expects. The last position keeps the teacher's
+prediction after the whole sequence, but its label is -100 and kd_loss drops both terms of ignored
+rows, so it does not train; it is kept so that every tensor has L rows.
+
+Indices are int32 by default (the stored type; kd_loss accepts int32 and it halves host-to-device
+bytes); pass ``index_dtype=torch.int64`` for code that needs int64. Values are float32 by default;
+``values_dtype=torch.float16`` on float16 shards (bfloat16 on bfloat16 shards) returns the stored
+values bit-exactly. Every tensor is a fresh contiguous CPU tensor, so ``DataLoader(pin_memory=True)``
+pins them without extra copies beyond its own, and the default collate stacks equal-length sequences
+(``kdfast capture`` writes one length per dataset).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from kdfast.shards.reader import open_shards
+
+__all__ = ["ShardDataset", "ShardSampler", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+
+
+class ShardSampler(Sampler[int]):
+    """This rank's sequence ids, epoch after epoch, resumable from a consumed count.
+
+    Order: epoch e is ``numpy.random.default_rng([seed, e]).permutation(num_sequences)`` (identity
+    when ``shuffle=False``), a pure function of (seed, epoch). It is cut to ``per_rank * world_size``
+    entries and rank r takes entries r, r + world_size, ...: no sequence is read by two ranks in an
+    epoch and all ranks take the same number of steps (the < world_size left-over sequences differ
+    from epoch to epoch).
+
+    ``consumed`` counts the samples this rank has already trained on over the whole run; the epoch is
+    ``consumed // per_rank`` and iteration resumes inside it. Iterating to the end of an epoch moves
+    ``consumed`` to the start of the next, so ``for epoch ...: for batch in loader`` walks the epochs.
+    """
+
+    def __init__(self, num_sequences: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0,
+                 world_size: int = 1, consumed: int = 0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got rank={rank}")
+        if num_sequences < world_size:
+            raise ValueError(f"{num_sequences} sequences cannot be split over world_size={world_size} ranks")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.num_sequences, self.seed, self.shuffle = num_sequences, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.per_rank = num_sequences // world_size
+        self.set_consumed(consumed)
+
+    def set_consumed(self, consumed: int) -> None:
+        """Resume point: the number of samples this rank has consumed so far (across epochs)."""
+        if consumed < 0:
+            raise ValueError(f"consumed must be >= 0, got {consumed}")
+        self.consumed = consumed
+
+    @property
+    def epoch(self) -> int:
+        return self.consumed // self.per_rank
+
+    def order(self, epoch: int) -> np.ndarray:
+        """[per_rank] int64: the sequence ids this rank reads in ``epoch``, in order."""
+        ids = (np.random.default_rng([self.seed, epoch]).permutation(self.num_sequences) if self.shuffle
+               else np.arange(self.num_sequences))
+        return ids[self.rank:self.per_rank * self.world_size:self.world_size]
+
+    def __len__(self) -> int:
+        """Samples left in the current epoch."""
+        return self.per_rank - self.consumed % self.per_rank
+
+    def __iter__(self):
+        epoch, start = divmod(self.consumed, self.per_rank)
+        for index in self.order(epoch)[start:].tolist():
+            yield index
+        self.consumed = (epoch + 1) * self.per_rank
+
+
+class ShardDataset(Dataset):
+    """A shard directory as a map-style dataset plus the sampler that orders it (see module doc).
+
+    ``dataset[i]`` is sequence i as a dict of tensors; ``dataset.sampler`` (a ShardSampler built from
+    seed / shuffle / rank / world_size / consumed) gives this rank's order. Use
+    ``DataLoader(dataset, sampler=dataset.sampler, batch_size=..., num_workers=..., pin_memory=True)``,
+    or iterate the dataset itself (same order, in-process). Workers map the shard files themselves.
+    ``vocab_size`` (the student's) must equal the teacher's, else ShardError. ``verify=True`` checks
+    every checksum at construction (see ``open_shards``).
+    """
+
+    def __init__(self, path: str | Path, *, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 consumed: int = 0, vocab_size: int | None = None, index_dtype: torch.dtype = torch.int32,
+                 values_dtype: torch.dtype = torch.float32, verify: bool = False):
+        if index_dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"index_dtype must be torch.int32 or torch.int64, got {index_dtype}")
+        if not values_dtype.is_floating_point:
+            raise ValueError(f"values_dtype must be a floating-point dtype, got {values_dtype}")
+        self.shards = open_shards(path, vocab_size=vocab_size, verify=verify)
+        self.index_dtype, self.values_dtype = index_dtype, values_dtype
+        self.sampler = ShardSampler(len(self.shards), seed=seed, shuffle=shuffle, rank=rank, world_size=world_size,
+                                    consumed=consumed)
+
+    kind = property(lambda self: self.shards.kind)
+    k = property(lambda self: self.shards.k)
+    vocab_size = property(lambda self: self.shards.vocab_size)
+    capture_temperature = property(lambda self: self.shards.capture_temperature)
+    manifest = property(lambda self: self.shards.manifest)
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        seq = self.shards.read(int(index))
+        input_ids = torch.from_numpy(seq.tokens).long()
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        labels[:-1] = input_ids[1:]
+        return {
+            "input_ids": input_ids,  # [L] int64
+            "labels": labels,  # [L] int64
+            "teacher_indices": torch.from_numpy(seq.indices).to(self.index_dtype),  # [L, k]
+            "teacher_values": torch.from_numpy(seq.values).to(self.values_dtype),  # [L, k]
+            "teacher_tail": torch.from_numpy(seq.tail),  # [L] float32
+        }
+
+    def __iter__(self):
+        """This rank's samples from the sampler's resume point to the end of its epoch."""
+        for index in self.sampler:
+            yield self[index]
