@@ -7,16 +7,18 @@ backend (argument or ``KDFAST_BACKEND``) that cannot run raises; ``last_backend(
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+from dataclasses import replace
 
 import torch
 
-from kdfast import _backend, reference
+from kdfast import _backend, fused_linear, reference
 from kdfast._contract import DIVERGENCES, REDUCTIONS, TEACHER_KINDS, LossOptions
 
-__all__ = ["kd_loss", "KDLoss", "available_backends", "last_backend"]
+__all__ = ["kd_loss", "KDLoss", "fused_linear_kd_loss", "FusedLinearKDLoss", "available_backends", "last_backend"]
 
 log = logging.getLogger("kdfast")
 
@@ -374,3 +376,253 @@ def _check_values(vocab: int, labels, teacher_indices, ignore_index: int) -> Non
         f"kd_loss: teacher_indices must be in [0, {vocab}) or -1 for an empty slot; got values {bad} "
         f"(teacher_indices shape {tuple(teacher_indices.shape)}, V={vocab})"
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused linear variant: kd_loss(hidden @ weight.T + bias) chunk by chunk (kdfast/fused_linear.py).
+# ----------------------------------------------------------------------------------------------
+
+
+def fused_linear_kd_loss(
+    hidden: torch.Tensor,  # [..., H]
+    weight: torch.Tensor,  # [V, H]
+    labels: torch.Tensor | None = None,  # [...]
+    *,
+    bias: torch.Tensor | None = None,  # [V]
+    teacher_logits: torch.Tensor | None = None,  # [..., V]
+    teacher_indices: torch.Tensor | None = None,  # [..., k]
+    teacher_values: torch.Tensor | None = None,  # [..., k]
+    teacher_hidden: torch.Tensor | None = None,  # [..., Ht]
+    teacher_weight: torch.Tensor | None = None,  # [V, Ht]
+    teacher_bias: torch.Tensor | None = None,  # [V]
+    teacher_kind: str = "logits",
+    tail: bool = False,
+    temperature: float = 1.0,
+    hard_weight: float = 0.0,
+    soft_weight: float = 1.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items: int | torch.Tensor | None = None,
+    scale_t2: bool = True,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+    return_components: bool = False,
+):
+    """``kd_loss(hidden @ weight.T + bias, labels, ...)`` without ever holding the [N, V] logits.
+
+    Rows are processed ``chunk_size`` at a time: one matmul into a reused chunk buffer, the backend's
+    fused loss writes d loss / d logits into that buffer, and two more matmuls turn it into the
+    chunk's share of the hidden, weight and bias gradients. The gradients are computed in the forward
+    pass; backward only scales them by grad_output (with ``reduction="none"`` backward recomputes the
+    chunks instead: see ``kdfast/fused_linear.py`` for why, and for the precision and chunk-size rules).
+    Calling backward twice through one loss (``retain_graph=True``) raises.
+
+    Args:
+        hidden: student hidden states (the LM head's input); leading dimensions are rows.
+        weight, bias: the LM head, ``[V, H]`` and ``[V]``, same dtype and device as ``hidden``.
+        teacher: exactly one of dense ``teacher_logits`` ``[..., V]``; sparse ``teacher_indices`` +
+            ``teacher_values`` ``[..., k]``; or an online teacher ``teacher_hidden`` ``[..., Ht]`` +
+            ``teacher_weight`` ``[V, Ht]`` (+ ``teacher_bias``), whose logits are computed chunk by
+            chunk under no_grad and never receive gradients.
+        chunk_size: rows per chunk; None keeps each chunk's logits within 256 MiB.
+        labels, teacher_kind, tail, temperature, hard_weight, soft_weight, divergence, beta,
+        ignore_index, reduction, num_items, scale_t2, backend, return_components: as in ``kd_loss``.
+
+    Raises:
+        ValueError: on any shape, dtype, device, value or option mistake, naming the argument.
+        RuntimeError: when the requested backend cannot run here.
+    """
+    if isinstance(hidden, torch.Tensor):
+        hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias = fused_linear.autocast_operands(
+            hidden.device.type, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias
+        )
+    try:
+        vocab = _check_linear(hidden, weight, bias, chunk_size)
+        online = _check_teacher_form(
+            hidden, weight, teacher_logits, teacher_indices, teacher_hidden, teacher_weight, teacher_bias
+        )
+        # Shape-only stand-ins (0-dim storage, expanded) let kd_loss's checks validate the rest.
+        logits = hidden.new_empty(()).expand(*hidden.shape[:-1], vocab)
+        dense = teacher_hidden.new_empty(()).expand(logits.shape) if online else teacher_logits
+        opts = LossOptions(
+            temperature=_check_temperature(temperature),
+            hard_weight=_check_finite("hard_weight", hard_weight),
+            soft_weight=_check_finite("soft_weight", soft_weight),
+            divergence=divergence,
+            beta=float(beta),
+            teacher_kind=teacher_kind,
+            tail=bool(tail),
+            ignore_index=int(ignore_index),
+            reduction=reduction,
+            scale_t2=bool(scale_t2),
+            inplace=True,
+        )
+        _check_teacher(logits, dense, teacher_indices, teacher_values, opts)
+        _check_labels(logits, labels, opts)
+        _check_reduction(opts, num_items)
+        if _value_checks_enabled():
+            _check_values(vocab, labels, teacher_indices, opts.ignore_index)
+        name = _choose_backend(backend, logits)
+    except ValueError as err:
+        message = str(err).removeprefix("kd_loss: ").replace("student_logits", "logits (hidden @ weight.T)")
+        raise ValueError(f"fused_linear_kd_loss: {message}") from None
+
+    global _last_backend
+    _last_backend = name
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = None if labels is None else labels.reshape(-1).long().contiguous()
+    teacher = _chunk_teacher(
+        vocab, teacher_logits, teacher_indices, teacher_values, teacher_hidden, teacher_weight, teacher_bias
+    )
+    divisor = _mean_divisor(flat_labels, rows, num_items, opts)
+    chunk_loss = functools.partial(_fused_chunk_loss, name, divisor, opts)
+    loss, ce_rows, div_rows = fused_linear.fused_linear_kd(
+        rows, weight, bias, flat_labels, teacher, chunk_size, opts.reduction, chunk_loss
+    )
+    if opts.reduction == "none":
+        loss = loss.reshape(hidden.shape[:-1])
+    if not return_components:
+        return loss
+    return loss, reference.components(ce_rows, div_rows, _active_rows(flat_labels, rows, opts.ignore_index))
+
+
+class FusedLinearKDLoss(torch.nn.Module):
+    """``fused_linear_kd_loss`` as a module: options fixed at construction, tensors given to ``forward``."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [..., H]
+        weight: torch.Tensor,  # [V, H]
+        labels: torch.Tensor | None = None,  # [...]
+        **tensors,  # bias and the teacher
+    ):
+        return fused_linear_kd_loss(hidden, weight, labels, **tensors, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+def _fused_chunk_loss(
+    backend: str,
+    divisor: torch.Tensor | None,  # 0-dim float32, the whole batch's "mean" denominator
+    opts: LossOptions,
+    logits: torch.Tensor,  # [c, V] the chunk buffer
+    labels: torch.Tensor | None,  # [c]
+    teacher_logits: torch.Tensor | None,  # [c, V]
+    teacher_indices: torch.Tensor | None,  # [c, k]
+    teacher_values: torch.Tensor | None,  # [c, k]
+    compute_grad: bool,
+):
+    """One chunk: (loss, ce_rows, div_rows, d loss / d logits or None) for grad_output = 1.
+
+    In-place backends overwrite ``logits`` [c, V] with the gradient; the "torch" backend cannot, so its
+    gradient comes from autograd. The "mean" divisor is the whole batch's, never the chunk's.
+    """
+    if backend != "torch":
+        impl = _backend.op_module(backend, "kd_loss")
+        with torch.no_grad():
+            chunk_opts = replace(opts, compute_grad=compute_grad)
+            loss, ce_rows, div_rows = impl.kd_loss(
+                logits, labels, teacher_logits, teacher_indices, teacher_values, divisor, chunk_opts
+            )
+        return loss.detach(), ce_rows, div_rows, logits if compute_grad else None
+    with torch.enable_grad():
+        leaf = logits.detach().requires_grad_(compute_grad)
+        loss, ce_rows, div_rows = _torch_backend(
+            leaf, labels, teacher_logits, teacher_indices, teacher_values, divisor, opts
+        )
+        grad = torch.autograd.grad(loss.sum(), leaf)[0] if compute_grad else None
+    return loss.detach(), ce_rows, div_rows, grad
+
+
+def _chunk_teacher(
+    vocab, teacher_logits, teacher_indices, teacher_values, teacher_hidden, teacher_weight, teacher_bias
+) -> fused_linear.ChunkTeacher:
+    if teacher_hidden is not None:
+        rows = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+        return fused_linear.ChunkTeacher(hidden=rows, weight=teacher_weight, bias=teacher_bias)
+    if teacher_logits is not None:
+        return fused_linear.ChunkTeacher(logits=teacher_logits.reshape(-1, vocab).contiguous())
+    k = teacher_indices.shape[-1]
+    return fused_linear.ChunkTeacher(
+        indices=teacher_indices.reshape(-1, k).contiguous(), values=teacher_values.reshape(-1, k).contiguous()
+    )
+
+
+def _check_linear(hidden, weight, bias, chunk_size) -> int:
+    """hidden [..., H], weight [V, H], bias [V]: one dtype, one device; returns V."""
+    for name, tensor in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if not isinstance(tensor, torch.Tensor) and (name != "bias" or tensor is not None):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if hidden.dim() < 1 or hidden.shape[-1] < 1 or hidden.dtype not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"hidden must be a floating [..., H] tensor with H >= 1, got shape {tuple(hidden.shape)} {hidden.dtype}"
+        )
+    if weight.dim() != 2 or weight.shape[0] < 1 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"bias must be [V] = [{weight.shape[0]}] (weight {tuple(weight.shape)}), got {tuple(bias.shape)}"
+        )
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is None:
+            continue
+        if tensor.dtype != hidden.dtype:
+            raise ValueError(f"{name} dtype {tensor.dtype} != hidden dtype {hidden.dtype}; the matmul needs one dtype")
+        if tensor.device != hidden.device:
+            raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be an int > 0 or None, got {chunk_size!r}")
+    return weight.shape[0]
+
+
+def _check_teacher_form(
+    hidden, weight, teacher_logits, teacher_indices, teacher_hidden, teacher_weight, teacher_bias
+) -> bool:
+    """Validates the online teacher (teacher_hidden + teacher_weight + teacher_bias); True when it is the teacher."""
+    if teacher_hidden is None and teacher_weight is None and teacher_bias is None:
+        return False
+    if teacher_hidden is None or teacher_weight is None:
+        raise ValueError("an online teacher needs both teacher_hidden and teacher_weight (teacher_bias is optional)")
+    if teacher_logits is not None or teacher_indices is not None:
+        raise ValueError(
+            "give exactly one teacher: teacher_logits, teacher_indices + teacher_values, "
+            "or teacher_hidden + teacher_weight"
+        )
+    trio = (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias))
+    for name, tensor in trio:
+        if tensor is not None and not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    for name, tensor in trio:
+        if tensor is None:
+            continue
+        if tensor.dtype != teacher_hidden.dtype or tensor.dtype not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"{name} must be floating, one dtype for teacher_hidden/weight/bias, got {tensor.dtype} "
+                f"(teacher_hidden {teacher_hidden.dtype})"
+            )
+        if tensor.device != hidden.device:
+            raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
+    if teacher_hidden.dim() < 1 or teacher_hidden.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(
+            f"teacher_hidden must be [..., Ht] with the rows of hidden {tuple(hidden.shape)}, "
+            f"got {tuple(teacher_hidden.shape)}"
+        )
+    vocab = weight.shape[0]
+    if teacher_weight.dim() != 2 or tuple(teacher_weight.shape) != (vocab, teacher_hidden.shape[-1]):
+        raise ValueError(
+            f"teacher_weight must be [V, Ht] = [{vocab}, {teacher_hidden.shape[-1]}] "
+            f"(V of weight {tuple(weight.shape)}, Ht of teacher_hidden {tuple(teacher_hidden.shape)}), "
+            f"got {tuple(teacher_weight.shape)}"
+        )
+    if teacher_bias is not None and tuple(teacher_bias.shape) != (vocab,):
+        raise ValueError(f"teacher_bias must be [V] = [{vocab}], got {tuple(teacher_bias.shape)}")
+    return True

@@ -1,0 +1,303 @@
+"""Chunked fused linear + distillation loss: ``kd_loss(hidden @ weight.T + bias)`` without [N, V] logits.
+
+Math. Rows r = 1..N, logits ``z_r = W h_r + b`` (W [V, H], b [V]), loss ``L = reduce_r l_r(z_r)``
+exactly as in design.md. With ``G = dL/dz`` [N, V] (row r: ``g_r * dl_r/dz_r``, divided by the "mean"
+divisor; ``g`` is grad_output):
+
+    dL/dh_r = G_r W              rows of G @ W
+    dL/dW   = sum_r G_r^T h_r    G^T @ hidden
+    dL/db   = sum_r G_r
+
+Every term is linear in G and row r of G depends only on row r, so rows can be processed in chunks
+[s, e): ``z = h W^T + b`` into one reused [chunk, V] buffer, the backend's fused loss overwrites the
+buffer with ``G`` in the same pass that computes the loss (``opts.inplace``), then ``G @ W`` goes to
+grad_hidden[s:e], ``G^T h`` and ``sum_r G_r`` are accumulated into grad_weight and grad_bias. At most
+one chunk of student logits (plus one chunk of teacher logits for an online teacher) is ever alive.
+"mean" divides by one divisor computed once over all N rows (n_active, or num_items) and given to every
+chunk, so chunk losses and gradients add up to the unchunked ones.
+
+Backward. For "mean" and "sum", grad_output is a scalar: the gradients were computed in the forward
+pass for grad_output = 1 (as Liger's fused linear cross-entropy does) and backward only scales them.
+For "none", grad_output ``g`` is per row: dL/dh would still scale row by row, but
+``dL/dW = sum_r g_r G_r^T h_r`` cannot be recovered from the unscaled ``sum_r G_r^T h_r``. So with
+"none" the forward pass computes the losses only, and backward recomputes each chunk (one more
+``h W^T`` matmul per chunk) and scales the rows of G by ``g_r`` before the two gradient matmuls.
+
+Precision. The logits are in the hidden/weight dtype (the matmul accumulates in fp32). Under
+``torch.autocast`` the student and teacher heads' operands are first cast to the autocast dtype, as
+``F.linear`` would be, and autocast is off inside the chunk loop; the backend
+computes the loss from fp32 copies. grad_weight and grad_bias are accumulated across chunks in fp32 when
+the weight is bf16/fp16 and cast once at the end: adding per-chunk partials in bf16 would round once per
+chunk. On devices whose addmm takes ``out_dtype`` (CUDA) the fp32 accumulation happens inside the GEMM;
+elsewhere the chunk's operands are upcast first.
+
+Chunk size. ``chunk_size=None`` picks the fewest chunks whose logits buffer stays within
+``CHUNK_BYTES`` (256 MiB: 523 rows at V=128256 in fp32, 1046 in bf16), then balances the rows across
+them. The backend adds little to that: the C++ and Triton kernels work in place, while the "torch"
+backend, which computes the chunk gradient with autograd, holds a few fp32 chunk-sized temporaries.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+
+CHUNK_BYTES = 256 * 2**20
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+# (logits [c, V], labels [c] | None, teacher_logits [c, V] | None, teacher_indices [c, k] | None,
+#  teacher_values [c, k] | None, compute_grad) -> (loss, ce_rows [c], div_rows [c], grad [c, V] | None);
+# the gradient is for grad_output = 1 (per row for "none") and may be the logits buffer itself.
+ChunkLoss = Callable[..., tuple]
+
+
+@dataclass(frozen=True)
+class ChunkTeacher:
+    """The teacher in one of its three forms, flattened to rows; ``rows`` yields one chunk of it."""
+
+    logits: torch.Tensor | None = None  # [N, V] dense teacher logits
+    indices: torch.Tensor | None = None  # [N, k] sparse teacher
+    values: torch.Tensor | None = None  # [N, k]
+    hidden: torch.Tensor | None = None  # [N, Ht] online teacher: logits = hidden @ weight.T + bias
+    weight: torch.Tensor | None = None  # [V, Ht]
+    bias: torch.Tensor | None = None  # [V]
+
+    def rows(self, start: int, end: int, buffer: torch.Tensor | None):
+        """(teacher_logits, teacher_indices, teacher_values) of rows [start, end)."""
+        if self.hidden is not None:
+            return _linear_into(buffer[: end - start], self.hidden[start:end], self.weight, self.bias), None, None
+        if self.logits is not None:
+            return self.logits[start:end], None, None
+        return None, self.indices[start:end], self.values[start:end]
+
+
+def autocast_operands(device_type: str, *tensors):
+    """The LM heads' operands as ``F.linear`` sees them under ``torch.autocast``: floating tensors
+    other than float64 in the autocast dtype (the casts are differentiable); unchanged otherwise."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    )
+
+
+def default_chunk_rows(rows: int, vocab: int, dtype: torch.dtype) -> int:
+    """Rows per chunk for ``chunk_size=None``: the fewest chunks within CHUNK_BYTES, rows balanced."""
+    max_rows = max(1, CHUNK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size()))
+    chunks = max(1, -(-rows // max_rows))
+    return max(1, -(-rows // chunks))
+
+
+def _linear_into(
+    out: torch.Tensor,  # [c, V]
+    hidden: torch.Tensor,  # [c, H]
+    weight: torch.Tensor,  # [V, H]
+    bias: torch.Tensor | None,  # [V]
+) -> torch.Tensor:
+    if bias is None:
+        return torch.mm(hidden, weight.T, out=out)
+    return torch.addmm(bias, hidden, weight.T, out=out)
+
+
+@functools.cache
+def _addmm_accumulates_in_fp32(device_type: str) -> bool:
+    """Whether ``addmm(out_dtype=float32)`` on 16-bit operands runs on this device type (CUDA does)."""
+    acc = torch.zeros(1, 1, device=device_type)
+    one = torch.ones(1, 1, dtype=torch.bfloat16, device=device_type)
+    try:
+        torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
+    except (NotImplementedError, RuntimeError, TypeError):
+        return False
+    return bool(acc.item() == 1.0)
+
+
+def _accumulate_weight_grad(
+    acc: torch.Tensor,  # [V, H], weight dtype or fp32
+    grad: torch.Tensor,  # [c, V]
+    hidden: torch.Tensor,  # [c, H]
+    first: bool,
+) -> None:
+    """acc += grad.T @ hidden; the first chunk overwrites (beta=0), so acc needs no zero-filling pass."""
+    beta = 0 if first else 1
+    if acc.dtype == grad.dtype:
+        acc.addmm_(grad.T, hidden, beta=beta)
+    elif _addmm_accumulates_in_fp32(acc.device.type):
+        torch.addmm(acc, grad.T, hidden, out_dtype=torch.float32, beta=beta, out=acc)
+    else:
+        acc.addmm_(grad.T.float(), hidden.float(), beta=beta)
+
+
+@dataclass
+class _Grads:
+    hidden: torch.Tensor | None  # [N, H]
+    weight: torch.Tensor | None  # [V, H], fp32 while accumulating a 16-bit weight
+    bias: torch.Tensor | None  # [V] fp32
+
+    def finish(self, weight: torch.Tensor, bias: torch.Tensor | None) -> _Grads:
+        """Casts the accumulators back to the parameters' dtypes."""
+        grad_weight = None if self.weight is None else self.weight.to(weight.dtype)
+        grad_bias = None if self.bias is None else self.bias.to(bias.dtype)
+        return _Grads(self.hidden, grad_weight, grad_bias)
+
+
+def _chunked_pass(
+    hidden: torch.Tensor,  # [N, H]
+    weight: torch.Tensor,  # [V, H]
+    bias: torch.Tensor | None,  # [V]
+    labels: torch.Tensor | None,  # [N]
+    teacher: ChunkTeacher,
+    chunk_rows: int,
+    chunk_loss: ChunkLoss,
+    needs: tuple[bool, bool, bool],
+    row_scale: torch.Tensor | None = None,  # [N] per-row grad_output of reduction="none"
+):
+    """One sweep over the row chunks: (chunk losses, ce_rows [N], div_rows [N], _Grads)."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    need_hidden, need_weight, need_bias = needs
+    compute_grad = any(needs)
+    size = min(chunk_rows, n)
+    logits_buffer = hidden.new_empty(size, vocab)
+    teacher_buffer = None if teacher.hidden is None else teacher.hidden.new_empty(size, vocab)
+    accumulate_fp32 = weight.dtype in _LOW_PRECISION and n > chunk_rows
+    weight_grad_dtype = torch.float32 if accumulate_fp32 else weight.dtype
+    grads = _Grads(
+        hidden=torch.empty_like(hidden) if need_hidden else None,
+        weight=(torch.empty if n else torch.zeros)(weight.shape, dtype=weight_grad_dtype, device=weight.device)
+        if need_weight
+        else None,
+        bias=torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_bias else None,
+    )
+    losses, ce_rows, div_rows = [], [], []
+    for start in range(0, n, chunk_rows):
+        end = min(n, start + chunk_rows)
+        h = hidden[start:end]
+        logits = _linear_into(logits_buffer[: end - start], h, weight, bias)
+        chunk_labels = None if labels is None else labels[start:end]
+        loss, ce, div, grad = chunk_loss(logits, chunk_labels, *teacher.rows(start, end, teacher_buffer), compute_grad)
+        losses.append(loss)
+        ce_rows.append(ce)
+        div_rows.append(div)
+        if grad is None:
+            continue
+        if row_scale is not None:
+            grad.mul_(row_scale[start:end, None])
+        if need_hidden:
+            torch.mm(grad, weight, out=grads.hidden[start:end])
+        if need_weight:
+            _accumulate_weight_grad(grads.weight, grad, h, first=start == 0)
+        if need_bias:
+            grads.bias.add_(grad.sum(0, dtype=torch.float32))
+    return losses, _cat_rows(ce_rows, hidden), _cat_rows(div_rows, hidden), grads.finish(weight, bias)
+
+
+def _cat_rows(rows: list[torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:  # [N]
+    if rows:
+        return torch.cat(rows)
+    return torch.zeros(0, dtype=_loss_dtype(hidden), device=hidden.device)
+
+
+def _loss_dtype(hidden: torch.Tensor) -> torch.dtype:
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+def _total(losses: list[torch.Tensor], reduction: str, hidden: torch.Tensor) -> torch.Tensor:
+    if reduction == "none":
+        return _cat_rows(losses, hidden)
+    if not losses:
+        return torch.zeros((), dtype=_loss_dtype(hidden), device=hidden.device)
+    return torch.stack(losses).sum()
+
+
+def _no_autocast(hidden: torch.Tensor):
+    """The chunk matmuls write into buffers of the inputs' dtype: autocast must not recast them."""
+    return torch.autocast(hidden.device.type, enabled=False)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    chunk_rows: int
+    chunk_loss: ChunkLoss
+    reduction: str
+
+
+class FusedLinearKDFunction(torch.autograd.Function):
+    """(hidden, weight, bias) -> (loss, ce_rows, div_rows); gradients as in the module docstring."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, teacher: ChunkTeacher, plan: _Plan):
+        needs = tuple(ctx.needs_input_grad[:3])
+        recompute = plan.reduction == "none"
+        with _no_autocast(hidden):
+            losses, ce_rows, div_rows, grads = _chunked_pass(
+                hidden,
+                weight,
+                bias,
+                labels,
+                teacher,
+                plan.chunk_rows,
+                plan.chunk_loss,
+                (False,) * 3 if recompute else needs,
+            )
+        ctx.mark_non_differentiable(ce_rows, div_rows)
+        ctx.plan, ctx.needs = plan, needs
+        if recompute:
+            ctx.save_for_backward(hidden, weight, bias, labels)
+            ctx.teacher = teacher
+        else:
+            ctx.grads = grads
+        return _total(losses, plan.reduction, hidden), ce_rows, div_rows
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_ce, _grad_div):
+        if ctx.plan.reduction == "none":
+            grads = _recompute_grads(ctx, grad_loss)
+        else:
+            grads = _scale_stored_grads(ctx, grad_loss)
+        return grads.hidden, grads.weight, grads.bias, None, None, None
+
+
+def _scale_stored_grads(ctx, grad_loss: torch.Tensor) -> _Grads:
+    grads = ctx.grads
+    if grads is None:
+        raise RuntimeError(
+            "fused_linear_kd_loss: backward ran twice through the same loss; its gradients are computed in the "
+            "forward pass and released after the first backward (call the loss again instead of retain_graph=True)"
+        )
+    ctx.grads = None
+    for grad in (grads.hidden, grads.weight, grads.bias):
+        if grad is not None:
+            grad.mul_(grad_loss)
+    return grads
+
+
+def _recompute_grads(ctx, grad_loss: torch.Tensor) -> _Grads:
+    hidden, weight, bias, labels = ctx.saved_tensors
+    plan = ctx.plan
+    with _no_autocast(hidden):
+        *_, grads = _chunked_pass(
+            hidden, weight, bias, labels, ctx.teacher, plan.chunk_rows, plan.chunk_loss, ctx.needs, row_scale=grad_loss
+        )
+    return grads
+
+
+def fused_linear_kd(
+    hidden: torch.Tensor,  # [N, H]
+    weight: torch.Tensor,  # [V, H]
+    bias: torch.Tensor | None,  # [V]
+    labels: torch.Tensor | None,  # [N] int64, contiguous
+    teacher: ChunkTeacher,
+    chunk_size: int | None,
+    reduction: str,
+    chunk_loss: ChunkLoss,
+):
+    """(loss, ce_rows [N], div_rows [N]) on validated, flattened inputs; called by ``kdfast.api`` only."""
+    chunk_rows = chunk_size or default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.dtype)
+    plan = _Plan(chunk_rows=chunk_rows, chunk_loss=chunk_loss, reduction=reduction)
+    return FusedLinearKDFunction.apply(hidden, weight, bias, labels, teacher, plan)
