@@ -1,0 +1,69 @@
+"""`kdfast bench --quick`: writes its JSON and PNG, prints the table, and every number is a real measurement."""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import kdfast
+from kdfast import _shapes
+from kdfast.cli import main
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["bench", "--quick", "--device", "cpu", "--out", str(out)])
+    return code, out, stdout.getvalue()
+
+
+def test_bench_quick_exits_cleanly_and_writes_files(quick_bench):
+    code, out, _ = quick_bench
+    assert code == 0
+    assert (out / "bench.json").is_file()
+    png = (out / "bench_vocab.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+
+
+def test_bench_json_holds_every_shape_and_impl_with_finite_numbers(quick_bench):
+    _, out, _ = quick_bench
+    report = json.loads((out / "bench.json").read_text())
+    assert report["machine"]["copy_gbps"] > 0
+    impls = {"torch-eager", "torch-compile"} | ({"kdfast-cpu"} if "cpu" in kdfast.available_backends() else set())
+    measured = {(r["impl"], r["shape"]) for r in report["results"]}
+    assert measured == {(impl, shape.label) for impl in impls for shape in _shapes.CPU_QUICK_SHAPES}
+    sweep_vocabs = {r["vocab"] for r in report["sweep"]}
+    assert sweep_vocabs == set(_shapes.QUICK_VOCAB_SWEEP)
+    for r in report["results"] + report["sweep"]:
+        assert r["error"] is None, r
+        for key in ("median_ms", "gbps", "pct_copy", "peak_mib"):
+            assert math.isfinite(r[key]) and r[key] >= 0, (key, r)
+        assert r["median_ms"] > 0
+
+
+def test_bench_prints_the_table(quick_bench):
+    _, _, stdout = quick_bench
+    assert "| impl" in stdout and "% copy BW" in stdout
+    for shape in _shapes.CPU_QUICK_SHAPES:
+        assert shape.label in stdout
+    assert "torch-compile" in stdout
+
+
+def test_bench_shapes_module_is_a_reexport_of_the_package_grid():
+    spec = importlib.util.spec_from_file_location("bench_shapes", REPO / "bench" / "shapes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.CPU_SHAPES is _shapes.CPU_SHAPES
+    assert module.kd_loss_bytes is _shapes.kd_loss_bytes
+    shape = _shapes.LossShape(4, 10, _shapes.torch.float32, "topk", k=3)
+    assert _shapes.kd_loss_bytes(shape) == 2 * 4 * 10 * 4 + 4 * 3 * (8 + 4)
