@@ -6,7 +6,9 @@ One forward + backward of ``hard_weight * CE + soft_weight * T^2 * KL`` per meas
     kdfast-cpu, kdfast-triton   ``kdfast.kd_loss(..., backend=...)`` (Triton only on CUDA: the
                                 interpreter is a correctness tool, not something to time)
     torch-eager                 ``kdfast.reference.kd_loss``, the plain PyTorch formulation
-    torch-compile               the same function under ``torch.compile`` (compiled in the warm-up)
+    torch-compile               the same function under ``torch.compile``, compiled for each shape
+                                (static shapes, as a training loop with fixed shapes gets) in the
+                                untimed warm-up
     liger                       Liger-Kernel's CE + KL-divergence kernels, where installed (CUDA,
                                 dense teachers only: Liger has no sparse-teacher loss)
 
@@ -207,7 +209,7 @@ def _make_impl(name: str) -> LossFn:
     if name == "torch-eager":
         return lambda z, y, teacher: reference.kd_loss(z, y, **teacher, **LOSS_OPTIONS)
     if name == "torch-compile":
-        compiled = torch.compile(reference.kd_loss)
+        compiled = torch.compile(reference.kd_loss, dynamic=False)
         return lambda z, y, teacher: compiled(z, y, **teacher, **LOSS_OPTIONS)
     return _liger_loss()
 
@@ -332,9 +334,9 @@ def measure_shape(shape: LossShape, impls: dict[str, LossFn], plan: Plan, copy_g
         result.median_ms = seconds * 1e3
         result.gbps = kd_loss_bytes(shape) / seconds / 1e9
         result.pct_copy = 100 * result.gbps / copy_gbps
+        logits.grad = None  # else the previous gradient, freed inside the step, hides the new one
         peak = peak_memory(steps[name], plan.device)
         result.peak_mib = None if peak is None else peak / MIB
-        logits.grad = None
     return list(results.values())
 
 
@@ -410,6 +412,8 @@ def measure_all(plan: Plan, impls: dict[str, LossFn], copy_gbps: float) -> dict[
         for shape in shapes:
             if shape.label not in done:
                 runnable = {name: fn for name, fn in impls.items() if name != "liger" or shape.teacher == "dense"}
+                if "torch-compile" in runnable:
+                    torch._dynamo.reset()  # a static-shape graph per shape, never the recompile limit
                 done[shape.label] = measure_shape(shape, runnable, plan, copy_gbps)  # Liger: dense teachers only
                 for result in done[shape.label]:
                     _print_progress(result)
@@ -465,6 +469,9 @@ def plot_sweep(results: list[Result], path: Path, device_name: str) -> None:
     first = results[0] if results else None
     subtitle = f" (N={first.rows}, {first.dtype}, {first.teacher} teacher)" if first else ""
     ax.set_xscale("log", base=2)
+    vocabs = sorted({r.vocab for r in results})
+    ax.set_xticks(vocabs, labels=[f"{v:,}" for v in vocabs], minor=False)
+    ax.set_xticks([], minor=True)
     ax.set_yscale("log")
     ax.set_xlabel("vocabulary size V")
     ax.set_ylabel("forward + backward, median ms")

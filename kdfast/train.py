@@ -104,6 +104,7 @@ from torch import nn
 from tqdm import tqdm
 
 from kdfast import hf
+from kdfast._io import fsync_path
 from kdfast.api import fused_linear_kd_loss, kd_loss
 from kdfast.fused_linear import default_chunk_rows
 from kdfast.shards import IGNORE_INDEX, ShardDataset, ShardSampler
@@ -459,25 +460,17 @@ class MicroBatchSampler(torch.utils.data.Sampler):
 # ------------------------------------------------------------------------------------------------
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _publish_dir(tmp: Path, final: Path) -> None:
     """fsync every file in ``tmp`` and rename it to ``final`` (replacing an older ``final``)."""
     for path in tmp.rglob("*"):
         if path.is_file():
-            _fsync_path(path)
-    _fsync_path(tmp)
+            fsync_path(path)
+    fsync_path(tmp)
     old = final.with_name(f".old-{final.name}")
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_path(final.parent)
+    fsync_path(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from kdfast import demo
 from kdfast.cli import main
@@ -87,3 +88,22 @@ def test_demo_refuses_a_non_empty_output_directory(tmp_path):
     with pytest.raises(ValueError, match="not an empty directory"):
         demo.run_demo(tmp_path, demo.QUICK, progress=False)
     assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_expected_calibration_error_on_known_cases():
+    confidence = torch.full((10,), 0.9, dtype=torch.float64)
+    nine_right = torch.tensor([True] * 9 + [False])
+    assert demo.expected_calibration_error(confidence, nine_right) == pytest.approx(0.0, abs=1e-12)
+    assert demo.expected_calibration_error(torch.ones(4, dtype=torch.float64), torch.tensor([1, 0, 1, 0]).bool()) == 0.5
+    # two bins: 0.15 (always wrong) and 0.95 (always right): |0 - 0.15| and |1 - 0.95|, weighted 1/2 each
+    two_bins = torch.tensor([0.15, 0.15, 0.95, 0.95], dtype=torch.float64)
+    assert demo.expected_calibration_error(two_bins, torch.tensor([0, 0, 1, 1]).bool()) == pytest.approx(0.1)
+
+
+def test_corpus_split_is_deterministic_and_disjoint():
+    first = demo.build_corpus(200_000, 50_000)
+    second = demo.build_corpus(200_000, 50_000)
+    assert first.train_files == second.train_files and first.heldout_files == second.heldout_files
+    assert not set(first.train_files) & set(first.heldout_files)
+    assert sum(map(len, first.heldout)) >= 50_000 and sum(map(len, first.train)) >= 200_000
+    assert all(name.endswith(".py") and "test" not in name.split("/")[:-1] for name in first.train_files)

@@ -26,6 +26,7 @@ from kdfast.shards.format import (
     as_bytes, checksum, encode_indices, encode_values, expected_layout, index_bits_for, pack_footer, section_lengths,
     shard_name,
 )
+from kdfast._io import fsync_path
 from kdfast.shards.reader import ShardFile, read_json
 
 __all__ = ["ShardWriter", "write_json_atomic"]
@@ -42,15 +43,7 @@ def write_json_atomic(path: Path, obj: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path.parent)
 
 
 def _as_numpy(x) -> np.ndarray:
@@ -291,7 +284,7 @@ def _write_shard(path: Path, records: list[tuple[np.ndarray, ...]], config: dict
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     return header
 
 
