@@ -14,7 +14,9 @@ logits)``, with labels, T = 2, hard_weight = soft_weight = 0.5, forward KL, redu
 top-64 teacher is sparse with ``teacher_kind="logits"`` (the raw teacher logits of its 64 largest
 entries, renormalized over them at temperature T). Backends:
 
-- ``kdfast``: ``kdfast.kd_loss`` (C++ on CPU, Triton on CUDA), a new gradient buffer per call;
+- ``kdfast``: ``kdfast.kd_loss`` (C++ on CPU, Triton on CUDA), the gradient in a new buffer (on CPU
+  from the backend's pool of reusable buffers: a fresh, page-faulted one only while the previous
+  round's gradient is still held, which pytest-benchmark does for one round);
 - ``kdfast-inplace``: the same with ``inplace=True`` (the gradient overwrites the logits, as a
   training step that no longer needs them would do); the logits are restored outside the timing;
 - ``torch-eager``: ``kdfast.reference.kd_loss``, the plain PyTorch formulation;
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import glob
 import json
 import os
 import platform
@@ -72,7 +75,24 @@ def device_name(device: str) -> str:
                 model = line.split(":", 1)[1].strip()
                 break
     isa = getattr(kdfast._backend.cpu_extension(), "isa", lambda: "?")()
-    return f"{model}, {os.cpu_count()} cores, kdfast ISA {isa}"
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, kdfast ISA {isa}"
+
+
+def cpu_memory_system() -> str:
+    """Caches of CPU 0 and the transparent-huge-page mode, from sysfs (empty where absent)."""
+    caches = []
+    for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index[0-9]*")):
+        try:
+            level, kind, size = (open(f"{index}/{name}").read().strip() for name in ("level", "type", "size"))
+        except OSError:
+            continue
+        if kind != "Instruction":
+            caches.append(f"L{level} {size}")
+    try:
+        thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        thp = "?"
+    return f"caches per core/CPU 0: {', '.join(caches) or '?'}; transparent huge pages: {thp}"
 
 
 def _sync(device: str) -> None:
@@ -186,6 +206,7 @@ def test_kd_loss(benchmark, device, shape, backend):
     benchmark.extra_info.update(
         case=shape.label, backend=backend, device=device_name(device), bytes=kd_loss_bytes(shape),
         torch=torch.__version__, load_before=load_before, load_after=os.getloadavg(),
+        memory_system=cpu_memory_system() if device == "cpu" else "",
         cpu_s_median=statistics.median(cpu_seconds[1:]),  # the first one is the warm-up round
         command="python -m pytest " + " ".join(sys.argv[1:]),
     )
@@ -223,6 +244,19 @@ def test_copy_bandwidth(benchmark, device):
 # ----------------------------------------------------------------------------------------------
 
 
+NOTES = """## Reading the numbers (generated with the table)
+
+- GB/s: the bytes the op must move (read the logits and a dense teacher, or the top-k indices and
+  values; write the gradient) over the median. Issue 16's CPU targets on this grid: kdfast at least
+  6x torch-compile on float32 dense, 10x on float32 top-64, and 40% of the copy bandwidth.
+- kdfast on CPU: one statistics pass stores the exponentials it computes, the gradient sweep
+  computes none (the exponentials per element of every path are tabled in csrc/kd_loss.cpp);
+  gradients above 32 MiB are written with non-temporal stores. `kdfast` takes its gradient buffer
+  from the backend's pool (kdfast/ops/cpu/kd_loss.py): a fresh [N, V] buffer costs its first-touch
+  page faults, on some VMs longer than the kernel. `kdfast-inplace` writes into the logits.
+- The machines are shared: compare ratios taken in one run, and read them with the load average."""
+
+
 def report(results: dict) -> str:
     rows = [(b["extra_info"], b["stats"]["median"], b["params"]) for b in results["benchmarks"]]
     copy = {p["device"]: info["bytes"] / median / 1e9 for info, median, p in rows if info.get("backend") == "copy"}
@@ -241,6 +275,7 @@ def report(results: dict) -> str:
         f"- command: `{first.get('command', '')}`",
         "- timed: forward + backward (`torch.autograd.grad(loss, logits)`), labels, T=2, "
         + "hard_weight=soft_weight=0.5, forward KL, mean; top-64 teacher: `teacher_kind=\"logits\"`",
+        *([f"- {first['memory_system']}"] if first.get("memory_system") else []),
         "- copy bandwidth (`dst.copy_(src)`, 1 GiB, read + write): "
         + ", ".join(f"{dev} {gbs:.1f} GB/s" for dev, gbs in copy.items()),
         "",
@@ -258,7 +293,7 @@ def report(results: dict) -> str:
             f"{_speedup(medians, 'torch-compile', median)} | {_speedup(medians, 'torch-eager', median)} | "
             f"{info['cpu_s_median']:.3f} | {load} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", NOTES]) + "\n"
 
 
 def _speedup(medians: dict, baseline: str, median: float) -> str:

@@ -6,8 +6,11 @@ prints a complete Markdown report (machine, command, tables). Three measurements
 
 1. Reads: ``ShardDataset[i]`` in a shuffled order from the page cache (the files are read once
    before timing), per encoding; median over ``--repeats`` passes of tokens/s into ready tensors,
-   and GB/s of shard bytes that had to be read for them. Also the same through a DataLoader with
-   two workers.
+   and GB/s of shard bytes that had to be read for them. Then verified reads (the default: every
+   read checks its checksums) against unverified ones (``verify_reads=False``: range checks
+   instead), interleaved read by read in one run and timed in CPU seconds of this process, so that
+   other load on the machine affects both alike. Also the same through a DataLoader with two
+   workers, and a corpus where only ~30% of the positions are learned (loss mask), as chat data.
 2. Capture on CPU with a tiny Hugging Face Llama: seconds in the teacher's forward passes, in the
    targets (log-softmax, top-k, tail) and in writing (encode, checksum, write, fsync, manifest),
    plus the writer alone on synthetic targets, to show how far writing is from being the limit.
@@ -53,15 +56,17 @@ def synthetic_targets(rng: np.random.Generator, length: int, k: int, vocab: int)
             values.astype(np.float32), tail)
 
 
-def write_synthetic(directory: Path, args, value_dtype: str, index_encoding: str) -> float:
-    """Write ``args.sequences`` sequences; returns tokens/s of the writer alone."""
+def write_synthetic(directory: Path, args, value_dtype: str, index_encoding: str, learned: float = 1.0) -> float:
+    """Write ``args.sequences`` sequences (a fraction ``learned`` of each one's positions learned, as
+    runs of prompt and response); returns tokens/s of the writer alone."""
     rng = np.random.default_rng(0)
     pool = [synthetic_targets(rng, args.seq_len, args.k, args.vocab) for _ in range(4)]
+    masks = [None if learned == 1 else np.arange(args.seq_len) % 100 >= 100 * (1 - learned) for _ in pool]
     began = time.perf_counter()
     with ShardWriter(directory, vocab_size=args.vocab, k=args.k, value_dtype=value_dtype,
                      index_encoding=index_encoding, shard_tokens=args.seq_len * 16) as writer:
         for index in range(args.sequences):
-            writer.add(*pool[index % len(pool)])
+            writer.add(*pool[index % len(pool)], mask=masks[index % len(pool)])
     return args.sequences * args.seq_len / (time.perf_counter() - began)
 
 
@@ -78,6 +83,24 @@ def time_reads(dataset: ShardDataset, repeats: int) -> float:
             dataset[int(index)]
         rates.append(tokens / (time.perf_counter() - began))
     return float(np.median(rates))
+
+
+def time_verified_vs_unverified(directory: Path, repeats: int) -> tuple[float, float]:
+    """Tokens per CPU second of dataset[i] with and without per-read checksums, alternating which
+    goes first read by read, over ``repeats`` shuffled passes (after a warm-up pass)."""
+    datasets = {True: ShardDataset(directory), False: ShardDataset(directory, verify_reads=False)}
+    seconds = dict.fromkeys(datasets, 0.0)
+    for dataset in datasets.values():
+        for index in range(len(dataset)):
+            dataset[index]
+    for repeat in range(repeats):
+        for step, index in enumerate(np.random.default_rng(repeat).permutation(len(datasets[True])).tolist()):
+            for verify in ((True, False) if (repeat + step) % 2 else (False, True)):
+                began = time.process_time()
+                datasets[verify][index]
+                seconds[verify] += time.process_time() - began
+    tokens = repeats * datasets[True].shards.num_tokens
+    return tokens / seconds[True], tokens / seconds[False]
 
 
 def time_loader(dataset: ShardDataset, repeats: int) -> float:
@@ -97,18 +120,47 @@ def time_loader(dataset: ShardDataset, repeats: int) -> float:
 def bench_reads(args, root: Path) -> list[str]:
     lines = [f"## Shuffled reads into tensors (k={args.k}, seq_len={args.seq_len}, vocab={args.vocab}, "
              f"{args.sequences} sequences, page cache)", "",
-             "| values | indices | bytes/token | dataset[i] Mtok/s | GB/s read | DataLoader(2 workers) Mtok/s | "
-             "writer alone Mtok/s |", "|---|---|---|---|---|---|---|"]
+             "`dataset[i]` and DataLoader: wall-clock medians over passes. Verified / unverified: tokens per CPU "
+             "second of this process, the two interleaved read by read in the same run.", "",
+             "| values | indices | bytes/token | dataset[i] Mtok/s | GB/s read | verified Mtok/s (CPU) | "
+             "unverified Mtok/s (CPU) | verified / unverified | DataLoader(2 workers) Mtok/s | writer alone Mtok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for value_dtype, index_encoding in ENCODINGS:
         directory = root / f"{value_dtype}-{index_encoding}"
         write_rate = write_synthetic(directory, args, value_dtype, index_encoding)
         dataset = ShardDataset(directory, seed=0)
         per_token = dataset.shards.nbytes / dataset.shards.num_tokens
         rate = time_reads(dataset, args.repeats)
+        verified, unverified = time_verified_vs_unverified(directory, args.repeats)
         loader_rate = time_loader(dataset, max(1, args.repeats // 2))
         lines.append(f"| {value_dtype} | {index_encoding} | {per_token:.1f} | {rate / 1e6:.2f} | "
-                     f"{rate * per_token / 1e9:.2f} | {loader_rate / 1e6:.2f} | {write_rate / 1e6:.2f} |")
+                     f"{rate * per_token / 1e9:.2f} | {verified / 1e6:.2f} | {unverified / 1e6:.2f} | "
+                     f"{verified / unverified:.3f} | {loader_rate / 1e6:.2f} | {write_rate / 1e6:.2f} |")
         shutil.rmtree(directory)
+    return lines
+
+
+def bench_masked_reads(args, root: Path) -> list[str]:
+    """A corpus where 30% of the positions are learned (runs of 70 prompt, 30 response positions)."""
+    lines = [f"## Reads with a loss mask: 30% of positions learned (k={args.k}, seq_len={args.seq_len}, "
+             f"vocab={args.vocab}, {args.sequences} sequences, page cache, verified reads)", "",
+             "| values | indices | bytes/token | bytes/learned token | bytes vs all learned | dataset[i] Mtok/s | "
+             "learned Mtok/s |", "|---|---|---|---|---|---|---|"]
+    for value_dtype, index_encoding in [("float16", "int32"), ("uint8", "packed")]:
+        sizes = {}
+        for learned in (1.0, 0.3):
+            directory = root / f"masked-{value_dtype}-{index_encoding}-{learned}"
+            write_synthetic(directory, args, value_dtype, index_encoding, learned)
+            dataset = ShardDataset(directory, seed=0)
+            sizes[learned] = dataset.shards.nbytes
+            if learned < 1:
+                rate = time_reads(dataset, args.repeats)
+                share = dataset.learned_tokens / dataset.total_tokens
+                lines.append(f"| {value_dtype} | {index_encoding} | {sizes[learned] / dataset.total_tokens:.1f} | "
+                             f"{sizes[learned] / dataset.learned_tokens:.1f} | {sizes[learned] / sizes[1.0]:.2f} | "
+                             f"{rate / 1e6:.2f} | {rate * share / 1e6:.2f} |")
+        for learned in sizes:
+            shutil.rmtree(root / f"masked-{value_dtype}-{index_encoding}-{learned}")
     return lines
 
 
@@ -202,14 +254,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="kdfast-bench-", dir=args.dir))
     try:
-        load = os.getloadavg()
+        load = Path("/proc/loadavg").read_text().split()[:3]
         header = ["# kdfast shards on CPU", "",
                   f"- command: `python {' '.join(sys.argv)}`",
-                  f"- CPU: {cpu_model()}; load average at start {load[0]:.2f}",
+                  f"- CPU: {cpu_model()}; /proc/loadavg at start {' '.join(load)}",
                   f"- Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
                   f"torch threads {torch.get_num_threads()}", ""]
-        report = header + bench_reads(args, root) + [""] + bench_capture(args, root) + [""] + bench_kl(args)
-        print("\n".join(report))
+        report = (header + bench_reads(args, root) + [""] + bench_masked_reads(args, root) + [""]
+                  + bench_capture(args, root) + [""] + bench_kl(args))
+        load = Path("/proc/loadavg").read_text().split()[:3]
+        print("\n".join(report + ["", f"/proc/loadavg at the end: {' '.join(load)}"]))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

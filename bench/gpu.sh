@@ -2,7 +2,11 @@
 # GPU check of the Triton backend, on a CUDA machine, from anywhere:   bash bench/gpu.sh
 #
 # 1. the tests selected by "triton or cuda" (compiled kernels, not the interpreter), including the
-#    GPU-only ones in tests/test_kd_loss_triton.py (no host sync, CUDA-graph capture);
+#    GPU-only ones in tests/test_kd_loss_triton.py (no host sync, CUDA-graph capture), the loss-contract
+#    edges of tests/test_kd_loss_triton_edges.py (bad rows as NaN with zero gradient, the tail bucket of a
+#    confident student, teacher_tail, strided inputs, fp16 under loss scaling, shift invariance, the ends
+#    of the temperature range) and its CUDA-only V = 128256 test with N * V > 2^31 (16800 bf16 rows, each
+#    checked against a float64 reference computed 512 rows at a time; 4.3 GB per bf16 [N, V] tensor);
 # 2. the CUDA cases of bench/bench_kd_loss.py (kdfast vs torch eager / compile / Liger, GB/s against
 #    the bytes the op must move and against the measured copy bandwidth), then its markdown table;
 # 3. the CUDA run of bench/bench_fused_linear_kd_loss.py (the fused linear path on the Triton kernel).

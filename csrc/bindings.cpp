@@ -19,8 +19,8 @@ T* ptr(uintptr_t address) {
 
 double kd_loss_forward(int64_t rows, int64_t vocab, uintptr_t logits, int logits_dtype, uintptr_t labels,
                        int64_t ignore_index, uintptr_t teacher_logits, int teacher_dtype, uintptr_t teacher_indices,
-                       int index_dtype, uintptr_t teacher_values, int values_dtype, int64_t k, int teacher_kind,
-                       bool tail, int divergence, double beta, double temperature, double hard_weight,
+                       int index_dtype, uintptr_t teacher_values, int values_dtype, uintptr_t teacher_tail, int64_t k,
+                       int teacher_kind, bool tail, int divergence, double beta, double temperature, double hard_weight,
                        double soft_scale, double grad_scale, uintptr_t grad, uintptr_t loss_rows, uintptr_t ce_rows,
                        uintptr_t div_rows, int num_threads) {
     kdfast::KDLossArgs a;
@@ -36,6 +36,7 @@ double kd_loss_forward(int64_t rows, int64_t vocab, uintptr_t logits, int logits
     a.index_dtype = index_dtype;
     a.teacher_values = ptr<const void>(teacher_values);
     a.values_dtype = values_dtype;
+    a.teacher_tail = ptr<const float>(teacher_tail);
     a.k = k;
     a.teacher_kind = teacher_kind;
     a.tail = tail;
@@ -76,8 +77,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("kd_loss_forward", &kd_loss_forward, py::kw_only(), py::arg("rows"), py::arg("vocab"), py::arg("logits"),
           py::arg("logits_dtype"), py::arg("labels"), py::arg("ignore_index"), py::arg("teacher_logits"),
           py::arg("teacher_dtype"), py::arg("teacher_indices"), py::arg("index_dtype"), py::arg("teacher_values"),
-          py::arg("values_dtype"), py::arg("k"), py::arg("teacher_kind"), py::arg("tail"), py::arg("divergence"),
-          py::arg("beta"), py::arg("temperature"), py::arg("hard_weight"), py::arg("soft_scale"),
+          py::arg("values_dtype"), py::arg("teacher_tail"), py::arg("k"), py::arg("teacher_kind"), py::arg("tail"),
+          py::arg("divergence"), py::arg("beta"), py::arg("temperature"), py::arg("hard_weight"), py::arg("soft_scale"),
           py::arg("grad_scale"), py::arg("grad"), py::arg("loss_rows"), py::arg("ce_rows"), py::arg("div_rows"),
           py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
           "Loss rows, CE rows, D rows and (grad != 0) the scaled gradient; returns the sum of the loss rows.");

@@ -1,5 +1,5 @@
 // kd_loss: fused temperature-softmax + divergence + cross-entropy for the CPU backend, loss and
-// gradient in one call (the contract is ../shared/design.md; kdfast/reference.py is the oracle).
+// gradient in one call (the contract is docs/loss.md; kdfast/reference.py is the oracle).
 //
 // Math, per active row (vocabulary V, temperature T, s = soft_scale = soft_weight*T^2, rs = grad_scale):
 //   a_j = z_j / T,  q = softmax(a),  log q_j = a_j - L_q,  L_q = logsumexp(a)
@@ -23,31 +23,65 @@
 //     D = sum_I p_i (log p_i - log q_i) = const - sum_I p_i a_i + P L_q
 //     dD/dz_j = (1/T) (q_j P - p_j 1[j in I])
 //     (P = 1 for a normalized target, which gives the familiar q - p; P = 0 for an empty row.)
-//     "logprobs" with tail: p_i = exp(v_i), p_rest = max(1 - P, 0), q_rest = max(1 - Q, tiny),
-//     D = sum_I p_i (log p_i - log q_i) + p_rest (log p_rest - log q_rest). The slot part is the
-//     sparse case above; dq_rest/da_j = -q_j (1[j in I] - Q), so with R = p_rest/q_rest (R = 0 where
-//     a clamp is active, matching the reference's clamp derivative):
-//       dD/dz_j = (1/T) (q_j (P - R Q) + 1[j in I] (R q_j - p_j)),
-//     i.e. (1/T)(q_j - p_j) on slots and (1/T) q_j (1 - p_rest/q_rest) elsewhere when P + p_rest = 1.
+//     "logprobs" with tail: p_i = exp(v_i), p_rest = exp(teacher_tail) when given (the teacher's
+//     exact mass outside the slots), else max(1 - P, 0) recomputed from the values; q_rest is the
+//     student's mass outside the slots, q_rest_f = max(q_rest, FLT_MIN) (the floor, shared with the
+//     Triton backend: below FLT_MIN, q_rest is a constant).
+//     D = sum_I p_i (log p_i - log q_i) + p_rest (log p_rest - log q_rest_f). The slot part is the
+//     sparse case above; dq_rest/da_j = q_j (1 - q_rest) off the slots and -q_j q_rest on them, so
+//     with R = p_rest / q_rest (R = 0 where the floor is active) and Q = 1 - q_rest:
+//       dD/dz_j = (1/T) (q_j (P - R Q) + 1[j in I] (R q_j - p_j))
+//               = (1/T) q_j C                     off the slots, C = P - R (1 - q_rest) = P + p_rest - R,
+//               = (1/T) ((P + R q_rest) q_j - p_j)  on the slots  (= q_j - p_j when P + p_rest = 1).
+//     Both forms are evaluated as written: q_rest is never 1 - Q, and a slot's gradient is never the
+//     off-slot value plus a correction (with a confident student R reaches 1e13 and more, and
+//     1 - Q or C q_j + R q_j would cancel in float32).
 //   The stored gradient is rs * (hard_weight dCE/dz + s dD/dz); backward only scales it by
 //   grad_output. Inactive rows (label == ignore_index) get loss 0 and gradient 0.
+//   Bad rows: a duplicate valid index, or a non-finite teacher value (NaN or +inf; -inf also for
+//   "probs"; -inf is zero mass in dense logits, sparse "logits" / "logprobs" and teacher_tail) gives
+//   NaN loss / CE / D rows and a zero gradient row. Out-of-range labels and indices throw before
+//   any row is written.
 //
 // Numerics: every statistic is computed from fp32 copies of the inputs (16-bit buffers are widened
 // here, chunk by chunk) with fp32 vector lanes per 2048-element chunk and double accumulation across
 // chunks. Softmax statistics are online over chunks: a chunk's max is found first, the running sums
 // are rescaled when the max grows, then exp((x - max) / T) is summed. Shifting before dividing by T
-// keeps (z_j - max z) exact for close values, so T = 0.05 with logits of 1e4 loses nothing. The KL
+// keeps (z_j - max z) exact for close values, so T = 1e-2 with logits of 1e4 loses nothing. The KL
 // cross terms are accumulated relative to the current maxima and shifted when a maximum moves, so
-// D is never a difference of two large logsumexps. A 16-bit gradient is rounded once, here; a
-// grad_output other than 1.0 rounds it a second time in kd_loss_scale_grad.
+// D is never a difference of two large logsumexps. Measured against float64 over TEMPERATURE_RANGE
+// (tests/test_kd_loss_cpu_edges.py): D per row within 1e-4 relative (worst at T = 1e2, where D is
+// ~1e-3 and the log-sum cancellation leaves ~1e-7 absolute), each gradient entry within ~1e-5 of its
+// own scale T (q_j + p_j). Tail rows sum the entries outside the slots on their own, relative to their
+// own maximum (so q_rest has fp32 relative accuracy however close Q is to 1), and when |C| > 1 the
+// off-slot term is eq_j exp((cz - max z)/T - lsq + log|C|) (the chunk multiplier is formed in
+// double), which stays representable where q_j underflows. JSD
+// entries with p = q = 0 (a masked vocabulary) contribute 0. A 16-bit gradient is rounded once,
+// here; a grad_output other than 1.0 rounds it a second time in kd_loss_scale_grad.
 //
-// Passes over a row: one statistics pass (reads z [and t]), one sweep writing the gradient. JSD needs
-// one more pass for sum_i q_i g_i before the sweep. The rows of a sweep were just read by the
-// statistics pass, so the second read mostly hits L2/L3.
+// Passes over a row: one statistics pass reads z [and t] from memory and stores every exponential
+// it computes (eq = e^{(z - cz)/T}, ep = e^{(t - ct)/T}, e1 = e^{z - cz}, relative to the running
+// maxima cz, ct of their 2048-element chunk) in per-thread row-sized scratch (0.5 MB per array at
+// V = 128256, so it stays in L2/L3). The sweep turns them into the gradient with one multiplier per
+// chunk and array (q_j = eq_j e^{(cz - max z)/T - log sum}, ...), so it computes no exponential; it
+// re-reads z [and t] (from cache) only for reverse KL and JSD. JSD needs one more pass for
+// sum_i q_i g_i before the sweep, which leaves log M_j in place of ep for it. At T = 2 the hard
+// softmax is e1 = eq^2 (not stored; the square costs about one ulp). A gradient larger than
+// kStreamBytes is written with non-temporal stores (no read for ownership). Sparse rows sort their
+// k slots by index (O(k log k), which also finds duplicates).
+//
+// Exponentials per vocabulary element (per-row and per-slot scalar work not counted), before this
+// layout (statistics + sweep) and now; "CE" = labels given at T != 1 (the hard loss has its own
+// softmax; its value is reported even when hard_weight = 0, so e1 is summed then too, but the sweep
+// never reads it):
+//   path                        T = 1 or no labels      CE, T != 1            CE, T = 2
+//   dense forward KL            2 + 2 -> 2              3 + 3 -> 3            3 + 3 -> 2
+//   dense reverse KL            2 + 1 -> 2              3 + 2 -> 3            3 + 2 -> 2
+//   dense JSD (+ logs)          2 + 3 + 2 -> 3 (+1)     3 + 3 + 3 -> 4 (+1)   -> 3 (+1)    (2 logs -> 1)
+//   sparse top-k (tail too)     1 + 1 -> 1              2 + 2 -> 2            2 + 2 -> 1
 #include "kd_loss.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <cstring>
@@ -55,6 +89,10 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <emmintrin.h>
+#endif
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -167,33 +205,80 @@ KD_INLINE const float* load_chunk(const void* base, int dtype, int64_t off, int6
     }
 }
 
-// Rounds n fp32 values to `dtype` (round to nearest even) and writes them at element offset `off`.
-KD_INLINE void store_chunk(void* base, int dtype, int64_t off, int64_t n, const float* __restrict g) {
+// Copies `bytes` bytes with non-temporal stores on the 16-byte-aligned interior (SSE2, baseline on
+// x86-64): a gradient far larger than the caches goes straight to memory, without the read for
+// ownership a normal store does first (that read is a third of the sweep's traffic).
+KD_INLINE void stream_copy(void* dst, const void* src, size_t bytes) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    char* d = static_cast<char*>(dst);
+    const char* s = static_cast<const char*>(src);
+    const size_t head = std::min(bytes, static_cast<size_t>((16 - (reinterpret_cast<uintptr_t>(d) & 15)) & 15));
+    std::memcpy(d, s, head);
+    size_t i = head;
+    for (; i + 16 <= bytes; i += 16) {
+        __m128i v;
+        __builtin_memcpy(&v, s + i, 16);
+        __builtin_ia32_movntdq(reinterpret_cast<__v2di*>(d + i), reinterpret_cast<__v2di>(v));
+    }
+    std::memcpy(d + i, s + i, bytes - i);
+#else
+    std::memcpy(dst, src, bytes);
+#endif
+}
+
+// Rounds n fp32 values to `dtype` (round to nearest even) and writes them at element offset `off`,
+// with non-temporal stores when `stream`. n <= kChunk.
+KD_INLINE void store_chunk(void* base, int dtype, int64_t off, int64_t n, const float* __restrict g, bool stream) {
+    const size_t element = dtype == kFloat32 ? 4 : 2;
+    void* dst = static_cast<char*>(base) + static_cast<size_t>(off) * element;
+    alignas(64) uint16_t out[kChunk];
+    const void* src = g;
     switch (dtype) {
         case kFloat32:
-            std::memcpy(static_cast<float*>(base) + off, g, static_cast<size_t>(n) * sizeof(float));
-            return;
+            break;
         case kBFloat16: {
-            uint16_t* dst = static_cast<uint16_t*>(base) + off;
 #pragma omp simd
             for (int64_t j = 0; j < n; ++j) {
                 const uint32_t u = float_to_bits(g[j]);
                 const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-                dst[j] = static_cast<uint16_t>(g[j] != g[j] ? ((u >> 16) | 0x40u) : rounded);
+                out[j] = static_cast<uint16_t>(g[j] != g[j] ? ((u >> 16) | 0x40u) : rounded);
             }
-            return;
+            src = out;
+            break;
         }
         default: {
-            _Float16* dst = static_cast<_Float16*>(base) + off;
+            _Float16* half = reinterpret_cast<_Float16*>(out);
 #pragma omp simd
-            for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<_Float16>(g[j]);
-            return;
+            for (int64_t j = 0; j < n; ++j) half[j] = static_cast<_Float16>(g[j]);
+            src = out;
+            break;
         }
     }
+    const size_t bytes = static_cast<size_t>(n) * element;
+    if (stream)
+        stream_copy(dst, src, bytes);
+    else
+        std::memcpy(dst, src, bytes);
 }
 
 // Bytes per element of a logits / gradient buffer (float32, bfloat16 or float16).
 KD_INLINE size_t element_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
+
+// Gradients of more than kStreamBytes are written with non-temporal stores: far larger than the
+// caches, they would only evict the rows the kernel reads next. Smaller ones stay in cache for their
+// consumer (a chunk of the fused linear loss, the backward GEMM).
+constexpr size_t kStreamBytes = size_t{32} << 20;
+
+KD_INLINE bool streams(int64_t rows, int64_t vocab, int dtype) {
+    return static_cast<size_t>(rows) * static_cast<size_t>(vocab) * element_size(dtype) > kStreamBytes;
+}
+
+// Orders this thread's non-temporal stores before anything it does next.
+KD_INLINE void store_fence() {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_ia32_sfence();
+#endif
+}
 
 KD_INLINE double load_scalar(const void* base, int dtype, int64_t i) {
     switch (dtype) {
@@ -219,27 +304,50 @@ KD_INLINE float chunk_max(const float* __restrict x, int64_t n) {
     return m;
 }
 
+KD_INLINE bool any_nan(const float* __restrict x, int64_t n) {
+    bool nan = false;
+    for (int64_t j = 0; j < n; ++j) nan |= x[j] != x[j];
+    return nan;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Chunk kernels: one pass over n elements, compile-time specialized so each loop vectorizes.
 // kCE: the hard loss needs its own softmax at T = 1 (labels given and T != 1); otherwise the hard
-// gradient reuses q (T = 1) or is absent.
+// gradient reuses q (T = 1) or is absent. kSquare (kCE at T = 2): exp(z - m) = exp((z - m) / 2)^2,
+// one exponential fewer (the square adds about one ulp), and e1 is not stored: the sweep squares eq.
+// The statistics pass stores every exponential it computes (relative to the running maxima of its
+// chunk) in row-sized scratch; the gradient sweep rescales them per chunk instead of recomputing.
 // ---------------------------------------------------------------------------------------------
 
 struct ChunkSums {
     float sq = 0, s1 = 0, sp = 0, w = 0;
 };
 
-// Student sums of exp((z - mz)/T) [and exp(z - mz)].
-template <bool kCE>
-KD_INLINE ChunkSums student_sums(const float* __restrict z, int64_t n, float mz, float inv_t) {
+// Student sums of eq = exp((z - mz)/T) [and e1 = exp(z - mz)], stored to eq [e1]. A chunk whose
+// running maximum is still -inf has no mass (0, NaN if it holds a NaN) and stores zeros.
+template <bool kCE, bool kSquare>
+KD_INLINE ChunkSums student_sums(const float* __restrict z, int64_t n, float mz, float inv_t, float* __restrict eq,
+                                 float* __restrict e1) {
+    ChunkSums s;
+    if (mz == -kInf) {
+        std::memset(eq, 0, static_cast<size_t>(n) * sizeof(float));
+        if (kCE && !kSquare) std::memset(e1, 0, static_cast<size_t>(n) * sizeof(float));
+        if (any_nan(z, n)) s.sq = s.s1 = std::numeric_limits<float>::quiet_NaN();
+        return s;
+    }
     float sq = 0, s1 = 0;
 #pragma omp simd reduction(+ : sq, s1)
     for (int64_t j = 0; j < n; ++j) {
         const float d = z[j] - mz;
-        sq += exp_nonpos(d * inv_t);
-        if (kCE) s1 += exp_nonpos(d);
+        const float e = exp_nonpos(d * inv_t);
+        eq[j] = e;
+        sq += e;
+        if (kCE) {
+            const float f = kSquare ? e * e : exp_nonpos(d);
+            if (!kSquare) e1[j] = f;
+            s1 += f;
+        }
     }
-    ChunkSums s;
     s.sq = sq;
     s.s1 = s1;
     return s;
@@ -247,9 +355,11 @@ KD_INLINE ChunkSums student_sums(const float* __restrict z, int64_t n, float mz,
 
 // Student and teacher sums plus the KL cross term relative to the current maxima:
 // forward w = sum e^{bt} (bt - at), reverse w = sum e^{at} (at - bt), at = (z - mz)/T, bt = (t - mt)/T.
-template <int kMode, bool kCE>
+// Stores eq = e^{at}, ep = e^{bt} [and e1 = e^{z - mz}].
+template <int kMode, bool kCE, bool kSquare>
 KD_INLINE ChunkSums dense_sums(const float* __restrict z, const float* __restrict t, int64_t n, float mz, float mt,
-                               float inv_t) {
+                               float inv_t, float* __restrict eq_out, float* __restrict ep_out,
+                               float* __restrict e1_out) {
     float sq = 0, s1 = 0, sp = 0, w = 0;
 #pragma omp simd reduction(+ : sq, s1, sp, w)
     for (int64_t j = 0; j < n; ++j) {
@@ -258,9 +368,15 @@ KD_INLINE ChunkSums dense_sums(const float* __restrict z, const float* __restric
         const float bt = (t[j] - mt) * inv_t;
         const float eq = exp_nonpos(at);
         const float ep = exp_nonpos(bt);
+        eq_out[j] = eq;
+        ep_out[j] = ep;
         sq += eq;
         sp += ep;
-        if (kCE) s1 += exp_nonpos(d);
+        if (kCE) {
+            const float e1 = kSquare ? eq * eq : exp_nonpos(d);
+            if (!kSquare) e1_out[j] = e1;
+            s1 += e1;
+        }
         if (kMode == kForwardKL) w += ep > 0.0f ? ep * (bt - at) : 0.0f;
         if (kMode == kReverseKL) w += eq > 0.0f ? eq * (at - bt) : 0.0f;
     }
@@ -270,12 +386,34 @@ KD_INLINE ChunkSums dense_sums(const float* __restrict z, const float* __restric
 // Constants of a gradient sweep, all in the shifted form (x - max)/T - log(sum).
 struct Sweep {
     float mz, mt, inv_t;
-    float lsq, lsp, ls1;  // log of the student (T), teacher, student (T = 1) sums
-    float c_hard;         // rs * hard_weight
-    float c_soft;         // rs * s / T, times (P - R Q) for sparse teachers
-    float k_rev;          // reverse KL: lsq - lsp + D
+    double lsq, lsp, ls1;  // log of the student (T), teacher, student (T = 1) sums
+    double lsq_soft;       // lsq; tail bucket with |C| > 1: lsq - log|C| (|C| q_j = e^{a_j - lsq_soft} cannot overflow)
+    double c_hard;         // rs * hard_weight
+    double c_soft;         // rs * s / T; sparse: times the off-slot coefficient C (tail: times sign(C))
+    float k_rev;           // reverse KL: lsq - lsp + D
     float log_beta, log_1mbeta, one_m_beta, g_mean;  // JSD
 };
+
+// Per-chunk factors that turn the stored exponentials into the terms of the gradient:
+// q_j = eq_j fq, p_j = ep_j fp1, c_hard softmax(z)_j = hard_j fh (hard = e1 or eq), c_soft C q_j = eq_j fs,
+// c_soft p_j = ep_j fp.
+struct ChunkScale {
+    float fq, fp1, fh, fs, fp;
+};
+
+KD_INLINE ChunkScale chunk_scale(const Sweep& c, float cz, float ct, bool ce) {
+    const double dz = cz == -kInf ? -static_cast<double>(kInf) : static_cast<double>(cz) - c.mz;  // <= 0
+    const double dt = ct == -kInf ? -static_cast<double>(kInf) : static_cast<double>(ct) - c.mt;
+    const double az = dz * c.inv_t;
+    ChunkScale f;
+    f.fq = static_cast<float>(std::exp(az - c.lsq));
+    f.fh = static_cast<float>(c.c_hard * std::exp(ce ? dz - c.ls1 : az - c.lsq));
+    f.fs = static_cast<float>(c.c_soft * std::exp(az - c.lsq_soft));
+    const double fp1 = std::exp(dt * c.inv_t - c.lsp);
+    f.fp1 = static_cast<float>(fp1);
+    f.fp = static_cast<float>(c.c_soft * fp1);
+    return f;
+}
 
 // JSD pieces at one element: log q, log p and log M = logaddexp(log p + log beta, log q + log(1-beta)).
 struct JsdTerms {
@@ -283,63 +421,75 @@ struct JsdTerms {
 };
 
 KD_INLINE JsdTerms jsd_terms(float z, float t, const Sweep& c) {
-    const float lq = (z - c.mz) * c.inv_t - c.lsq;
-    const float lp = (t - c.mt) * c.inv_t - c.lsp;
+    const float lq = (z - c.mz) * c.inv_t - static_cast<float>(c.lsq);
+    const float lp = (t - c.mt) * c.inv_t - static_cast<float>(c.lsp);
     const float a = lp + c.log_beta;
     const float b = lq + c.log_1mbeta;
     const float hi = a > b ? a : b;
     const float lo = a > b ? b : a;
-    return JsdTerms{lq, lp, hi + log_pos(1.0f + exp_nonpos(lo - hi))};
+    const float gap = hi == -kInf ? -kInf : lo - hi;  // p = q = 0 (masked entry): M = 0, not NaN
+    return JsdTerms{lq, lp, hi + log_pos(1.0f + exp_nonpos(gap))};
 }
 
-// JSD second pass: D and sum_j q_j g_j with g_j = (1-beta)(log q_j - log M_j).
-KD_INLINE void jsd_sums(const float* __restrict z, const float* __restrict t, int64_t n, const Sweep& c, float beta,
+// JSD second pass: D and sum_j q_j g_j with g_j = (1-beta)(log q_j - log M_j); q and p from the
+// stored exponentials. log M_j replaces p's exponential in `ep_lm` for the sweep.
+KD_INLINE void jsd_sums(const float* __restrict z, const float* __restrict t, const float* __restrict eq,
+                        float* __restrict ep_lm, int64_t n, const Sweep& c, const ChunkScale& f, float beta,
                         float& d_out, float& g_out) {
     float d = 0, g = 0;
 #pragma omp simd reduction(+ : d, g)
     for (int64_t j = 0; j < n; ++j) {
         const JsdTerms e = jsd_terms(z[j], t[j], c);
-        const float q = exp_nonpos(e.lq);
-        const float p = exp_nonpos(e.lp);
+        const float q = eq[j] * f.fq;
+        const float p = ep_lm[j] * f.fp1;
+        ep_lm[j] = e.lm;
         const float kl_p = p > 0.0f ? p * (e.lp - e.lm) : 0.0f;
-        d += beta * kl_p + c.one_m_beta * q * (e.lq - e.lm);
-        g += q * (c.one_m_beta * (e.lq - e.lm));
+        const float kl_q = q > 0.0f ? q * (e.lq - e.lm) : 0.0f;
+        d += beta * kl_p + c.one_m_beta * kl_q;
+        g += c.one_m_beta * kl_q;
     }
     d_out = d;
     g_out = g;
 }
 
-template <int kMode, bool kCE>
-KD_INLINE void dense_grad(const float* __restrict z, const float* __restrict t, float* __restrict g, int64_t n,
-                          const Sweep& c) {
+// Where the hard gradient's softmax comes from: q itself (T = 1, or hard_weight = 0), the stored
+// e1, or eq^2 (T = 2).
+constexpr int kHardQ = 0, kHardE1 = 1, kHardSquare = 2;
+
+// Gradient of a chunk from the stored exponentials: hard part fh hard_j (hard_j per kHard), then
+// forward KL fs eq_j - fp ep_j (fs = c_soft fq); sparse fs eq_j (slots are overwritten later);
+// reverse KL and JSD from q_j = fq eq_j and the logits.
+template <int kMode, int kHard>
+KD_INLINE void chunk_grad(const float* __restrict hard, const float* __restrict eq, const float* __restrict ep,
+                          const float* __restrict z, const float* __restrict t, float* __restrict g, int64_t n,
+                          const Sweep& c, const ChunkScale& f) {
+    if (kMode == kForwardKL || kMode < 0) {
+        const float fq = kHard != kHardQ ? f.fs : f.fs + f.fh;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+            float v = eq[j] * fq;
+            if (kHard == kHardE1) v += hard[j] * f.fh;
+            if (kHard == kHardSquare) v += eq[j] * eq[j] * f.fh;
+            if (kMode == kForwardKL) v -= ep[j] * f.fp;
+            g[j] = v;
+        }
+        return;
+    }
+    const float c_soft = static_cast<float>(c.c_soft);
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-        const float d = z[j] - c.mz;
-        const float at = d * c.inv_t;
-        const float q = exp_nonpos(at - c.lsq);
-        const float hard = kCE ? exp_nonpos(d - c.ls1) : q;
+        const float q = eq[j] * f.fq;
         float soft;
-        if (kMode == kForwardKL) {
-            soft = q - exp_nonpos((t[j] - c.mt) * c.inv_t - c.lsp);
-        } else if (kMode == kReverseKL) {
+        if (kMode == kReverseKL) {
+            const float at = (z[j] - c.mz) * c.inv_t;
             const float bt = (t[j] - c.mt) * c.inv_t;
             soft = q > 0.0f ? q * (at - bt - c.k_rev) : 0.0f;
         } else {
-            const JsdTerms e = jsd_terms(z[j], t[j], c);
-            soft = q * (c.one_m_beta * (e.lq - e.lm) - c.g_mean);
+            const float lq = (z[j] - c.mz) * c.inv_t - static_cast<float>(c.lsq);
+            soft = q > 0.0f ? q * (c.one_m_beta * (lq - ep[j]) - c.g_mean) : 0.0f;  // ep holds log M
         }
-        g[j] = c.c_hard * hard + c.c_soft * soft;
-    }
-}
-
-template <bool kCE>
-KD_INLINE void sparse_grad(const float* __restrict z, float* __restrict g, int64_t n, const Sweep& c) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-        const float d = z[j] - c.mz;
-        const float q = exp_nonpos(d * c.inv_t - c.lsq);
-        const float hard = kCE ? exp_nonpos(d - c.ls1) : q;
-        g[j] = c.c_hard * hard + c.c_soft * q;
+        const float h = kHard == kHardE1 ? hard[j] : kHard == kHardSquare ? eq[j] * eq[j] : eq[j];
+        g[j] = h * f.fh + c_soft * soft;
     }
 }
 
@@ -347,35 +497,48 @@ KD_INLINE void sparse_grad(const float* __restrict z, float* __restrict g, int64
 // Row kernels.
 // ---------------------------------------------------------------------------------------------
 
-struct SlotFix {
-    int64_t index;
-    float delta;  // added to the gradient at `index` before rounding
-    bool operator<(const SlotFix& other) const { return index < other.index; }
-};
+constexpr int kSparse = -1;  // sweep mode below the divergences: sparse teacher (with or without tail)
 
+// A valid slot of a sparse row. Slots are kept sorted by index; `grad` is the full gradient at the
+// slot (hard + soft, before the label correction), which the sweep writes over the off-slot value.
 struct Slot {
     int64_t index;
-    double value, log_q, p, log_p;
+    double value, z, log_q, p, log_p;
+    float grad;
 };
 
-// Per-thread scratch: chunk buffers and the k slots of a sparse row.
+// Per-thread scratch: chunk buffers, the statistics pass's exponentials of one row (relative to the
+// running maxima cz / ct of their chunk) and the k slots of a sparse row.
 struct Scratch {
     alignas(64) float zbuf[kChunk];
     alignas(64) float tbuf[kChunk];
     alignas(64) float gbuf[kChunk];
+    std::vector<float> eq, ep, e1;  // [vocab] e^{(z - cz)/T}, e^{(t - ct)/T}, e^{z - cz}
+    std::vector<float> cz, ct;      // [chunks]
     std::vector<Slot> slots;
-    std::vector<SlotFix> fixes;
 };
+
+// Row-sized pointers into the scratch at element offset off (e1 / ep only where they exist).
+struct RowExps {
+    float *eq, *ep, *e1;
+};
+
+KD_INLINE RowExps row_exps(Scratch& sc, int64_t off) {
+    return RowExps{sc.eq.data() + off, sc.ep.empty() ? nullptr : sc.ep.data() + off,
+                   sc.e1.empty() ? nullptr : sc.e1.data() + off};
+}
 
 // Running softmax statistics over chunks (maxima of the raw inputs, sums relative to them).
 struct Stats {
     float mz = -kInf, mt = -kInf;
     double sq = 0, s1 = 0, sp = 0, w = 0;
     bool p_zero_mass = false;  // reverse KL: q > 0 where p = 0, so D = inf
+    bool teacher_nan = false;  // a NaN in a teacher chunk whose finite maximum is -inf
 };
 
 struct RowOut {
     double ce = 0, div = 0;
+    bool bad = false;  // NaN row, zero gradient (duplicate index, non-finite teacher value)
 };
 
 struct RowInfo {
@@ -384,6 +547,8 @@ struct RowInfo {
     int64_t label;  // -1 without labels
     float inv_t;
     bool ce;        // separate softmax at T = 1 for the hard loss
+    bool square;    // ce at T = 2: e^{z - m} = (e^{(z - m)/2})^2
+    bool stream;    // non-temporal gradient stores (a gradient larger than kStreamBytes)
 };
 
 // Moves the running statistics to new chunk maxima. dq, dp are the shifts in units of 1/T.
@@ -421,15 +586,61 @@ KD_INLINE void add_sums(Stats& s, const ChunkSums& c) {
 }
 
 template <bool kCE>
+KD_INLINE ChunkSums student_chunk(const RowInfo& row, const float* z, int64_t n, float mz, const RowExps& e) {
+    return kCE && row.square ? student_sums<kCE, kCE>(z, n, mz, row.inv_t, e.eq, e.e1)
+                             : student_sums<kCE, false>(z, n, mz, row.inv_t, e.eq, e.e1);
+}
+
+template <bool kCE>
 KD_INLINE Stats student_stats(const RowInfo& row, Scratch& sc) {
     const KDLossArgs& a = *row.a;
     Stats s;
-    for (int64_t off = 0; off < a.vocab; off += kChunk) {
+    for (int64_t off = 0, ci = 0; off < a.vocab; off += kChunk, ++ci) {
         const int64_t n = std::min(kChunk, a.vocab - off);
         const float* z = load_chunk(a.logits, a.logits_dtype, row.base + off, n, sc.zbuf);
         rescale<-1>(s, chunk_max(z, n), -kInf, row.inv_t);
-        add_sums(s, student_sums<kCE>(z, n, s.mz, row.inv_t));
+        sc.cz[ci] = s.mz;
+        add_sums(s, student_chunk<kCE>(row, z, n, s.mz, row_exps(sc, off)));
     }
+    return s;
+}
+
+// Tail rows: the entries outside the (sorted) slots are summed on their own (each chunk copied with
+// its slots set to -inf), relative to their own maximum, and the slots are added in double.
+// log_q_rest = log(rest sum) - log(full sum) is then as accurate as the fp32 rest sum (relative),
+// however close Q = 1 - q_rest is to 1, where 1 - Q would cancel. Entries below e^-87 of the rest
+// maximum count as 0 (exp_nonpos). The stored exponentials are 0 at the slots.
+template <bool kCE>
+KD_INLINE Stats tail_stats(const RowInfo& row, Scratch& sc, double& log_q_rest) {
+    const KDLossArgs& a = *row.a;
+    Stats rest;
+    size_t next_slot = 0;
+    for (int64_t off = 0, ci = 0; off < a.vocab; off += kChunk, ++ci) {
+        const int64_t n = std::min(kChunk, a.vocab - off);
+        const float* z = load_chunk(a.logits, a.logits_dtype, row.base + off, n, sc.zbuf);
+        if (z != sc.zbuf) std::memcpy(sc.zbuf, z, static_cast<size_t>(n) * sizeof(float));
+        for (; next_slot < sc.slots.size() && sc.slots[next_slot].index < off + n; ++next_slot) {
+            Slot& sl = sc.slots[next_slot];
+            sl.z = sc.zbuf[sl.index - off];
+            sc.zbuf[sl.index - off] = -kInf;
+        }
+        rescale<-1>(rest, chunk_max(sc.zbuf, n), -kInf, row.inv_t);
+        sc.cz[ci] = rest.mz;
+        add_sums(rest, student_chunk<kCE>(row, sc.zbuf, n, rest.mz, row_exps(sc, off)));
+    }
+    Stats s;
+    s.mz = rest.mz;
+    for (const Slot& sl : sc.slots) s.mz = std::max(s.mz, static_cast<float>(sl.z));
+    const double shift = rest.sq > 0 ? static_cast<double>(rest.mz) - s.mz : 0.0;  // <= 0
+    if (rest.sq > 0) {
+        s.sq = rest.sq * std::exp(shift * row.inv_t);
+        s.s1 = rest.s1 * std::exp(shift);
+    }
+    for (const Slot& sl : sc.slots) {
+        s.sq += std::exp((sl.z - s.mz) * row.inv_t);
+        if (kCE) s.s1 += std::exp(sl.z - s.mz);
+    }
+    log_q_rest = rest.sq > 0 ? std::log(rest.sq) + shift * row.inv_t - std::log(s.sq) : -static_cast<double>(kInf);
     return s;
 }
 
@@ -437,42 +648,63 @@ template <int kMode, bool kCE>
 KD_INLINE Stats dense_stats(const RowInfo& row, Scratch& sc) {
     const KDLossArgs& a = *row.a;
     Stats s;
-    for (int64_t off = 0; off < a.vocab; off += kChunk) {
+    for (int64_t off = 0, ci = 0; off < a.vocab; off += kChunk, ++ci) {
         const int64_t n = std::min(kChunk, a.vocab - off);
         const float* z = load_chunk(a.logits, a.logits_dtype, row.base + off, n, sc.zbuf);
         const float* t = load_chunk(a.teacher_logits, a.teacher_dtype, row.base + off, n, sc.tbuf);
         rescale<kMode>(s, chunk_max(z, n), chunk_max(t, n), row.inv_t);
-        if (s.mt == -kInf) {  // teacher all -inf so far: p = 0 here, only the student sums move
-            add_sums(s, student_sums<kCE>(z, n, s.mz, row.inv_t));
+        sc.cz[ci] = s.mz;
+        sc.ct[ci] = s.mt;
+        const RowExps e = row_exps(sc, off);
+        if (s.mt == -kInf) {  // teacher all -inf (or NaN) so far: p = 0 here, only the student sums move
+            add_sums(s, student_chunk<kCE>(row, z, n, s.mz, e));
+            std::memset(e.ep, 0, static_cast<size_t>(n) * sizeof(float));
             s.p_zero_mass = true;
+            s.teacher_nan |= any_nan(t, n);
+        } else if (kCE && row.square) {
+            add_sums(s, dense_sums<kMode, kCE, kCE>(z, t, n, s.mz, s.mt, row.inv_t, e.eq, e.ep, e.e1));
         } else {
-            add_sums(s, dense_sums<kMode, kCE>(z, t, n, s.mz, s.mt, row.inv_t));
+            add_sums(s, dense_sums<kMode, kCE, false>(z, t, n, s.mz, s.mt, row.inv_t, e.eq, e.ep, e.e1));
         }
     }
     return s;
 }
 
-// Gradient sweep shared by all teachers: compute a chunk in fp32, apply the label and slot
-// corrections, round and store. The store may overwrite the logits (inplace): each chunk is fully
-// read before it is written. kMode < 0 is a sparse teacher (student-only chunk kernel).
-template <int kMode, bool kCE>
+// Gradient sweep shared by all teachers: form a chunk's gradient from the stored exponentials (and,
+// for reverse KL / JSD, the logits), write the slot values, apply the label correction, round and
+// store. The store may overwrite the logits (inplace): a chunk's logits are read before it is
+// written.
+template <int kMode, int kHard>
 KD_INLINE void sweep(const RowInfo& row, Scratch& sc, const Sweep& c) {
     const KDLossArgs& a = *row.a;
-    size_t next_fix = 0;
-    for (int64_t off = 0; off < a.vocab; off += kChunk) {
+    size_t next_slot = 0;
+    for (int64_t off = 0, ci = 0; off < a.vocab; off += kChunk, ++ci) {
         const int64_t n = std::min(kChunk, a.vocab - off);
-        const float* z = load_chunk(a.logits, a.logits_dtype, row.base + off, n, sc.zbuf);
-        if (kMode < 0) {
-            sparse_grad<kCE>(z, sc.gbuf, n, c);
-        } else {
-            const float* t = load_chunk(a.teacher_logits, a.teacher_dtype, row.base + off, n, sc.tbuf);
-            dense_grad<kMode, kCE>(z, t, sc.gbuf, n, c);
+        const RowExps e = row_exps(sc, off);
+        const ChunkScale f = chunk_scale(c, sc.cz[ci], kMode < 0 ? -kInf : sc.ct[ci], kHard != kHardQ);
+        const float* z = nullptr;
+        const float* t = nullptr;
+        if (kMode == kReverseKL || kMode == kJSD) {
+            z = load_chunk(a.logits, a.logits_dtype, row.base + off, n, sc.zbuf);
+            t = load_chunk(a.teacher_logits, a.teacher_dtype, row.base + off, n, sc.tbuf);
         }
-        if (row.label >= off && row.label < off + n) sc.gbuf[row.label - off] -= c.c_hard;
-        for (; next_fix < sc.fixes.size() && sc.fixes[next_fix].index < off + n; ++next_fix)
-            sc.gbuf[sc.fixes[next_fix].index - off] += sc.fixes[next_fix].delta;
-        store_chunk(a.grad, a.logits_dtype, row.base + off, n, sc.gbuf);
+        chunk_grad<kMode, kHard>(e.e1, e.eq, e.ep, z, t, sc.gbuf, n, c, f);
+        for (; next_slot < sc.slots.size() && sc.slots[next_slot].index < off + n; ++next_slot)
+            sc.gbuf[sc.slots[next_slot].index - off] = sc.slots[next_slot].grad;
+        if (row.label >= off && row.label < off + n) sc.gbuf[row.label - off] -= static_cast<float>(c.c_hard);
+        store_chunk(a.grad, a.logits_dtype, row.base + off, n, sc.gbuf, row.stream);
     }
+}
+
+// The sweep for the row's hard softmax (none is read when hard_weight = 0).
+template <int kMode>
+KD_INLINE void run_sweep(const RowInfo& row, Scratch& sc, const Sweep& c) {
+    if (!row.ce || c.c_hard == 0)
+        sweep<kMode, kHardQ>(row, sc, c);
+    else if (row.square)
+        sweep<kMode, kHardSquare>(row, sc, c);
+    else
+        sweep<kMode, kHardE1>(row, sc, c);
 }
 
 KD_INLINE Sweep base_sweep(const RowInfo& row, const Stats& s) {
@@ -481,11 +713,12 @@ KD_INLINE Sweep base_sweep(const RowInfo& row, const Stats& s) {
     c.mz = s.mz;
     c.mt = s.mt;
     c.inv_t = row.inv_t;
-    c.lsq = static_cast<float>(std::log(s.sq));
-    c.lsp = static_cast<float>(std::log(s.sp));
-    c.ls1 = static_cast<float>(row.ce ? std::log(s.s1) : std::log(s.sq));
-    c.c_hard = a.labels ? static_cast<float>(a.grad_scale * a.hard_weight) : 0.0f;
-    c.c_soft = static_cast<float>(a.grad_scale * a.soft_scale / a.temperature);
+    c.lsq = std::log(s.sq);
+    c.lsq_soft = c.lsq;
+    c.lsp = std::log(s.sp);
+    c.ls1 = row.ce ? std::log(s.s1) : c.lsq;
+    c.c_hard = a.labels ? a.grad_scale * a.hard_weight : 0.0;
+    c.c_soft = a.grad_scale * a.soft_scale / a.temperature;
     return c;
 }
 
@@ -502,6 +735,10 @@ KD_INLINE RowOut dense_row(const RowInfo& row, Scratch& sc) {
     const KDLossArgs& a = *row.a;
     const Stats s = dense_stats<kMode, kCE>(row, sc);
     RowOut out;
+    if (s.teacher_nan || s.mt == kInf || std::isnan(s.sp)) {  // NaN or +inf in the teacher
+        out.bad = true;
+        return out;
+    }
     out.ce = hard_loss(row, s);
     Sweep c = base_sweep(row, s);
     const double lsq = std::log(s.sq), lsp = std::log(s.sp);
@@ -513,12 +750,13 @@ KD_INLINE RowOut dense_row(const RowInfo& row, Scratch& sc) {
         c.log_1mbeta = static_cast<float>(std::log1p(-a.beta));
         c.one_m_beta = static_cast<float>(1.0 - a.beta);
         double d = 0, g = 0;
-        for (int64_t off = 0; off < a.vocab; off += kChunk) {
+        for (int64_t off = 0, ci = 0; off < a.vocab; off += kChunk, ++ci) {
             const int64_t n = std::min(kChunk, a.vocab - off);
             const float* z = load_chunk(a.logits, a.logits_dtype, row.base + off, n, sc.zbuf);
             const float* t = load_chunk(a.teacher_logits, a.teacher_dtype, row.base + off, n, sc.tbuf);
+            const RowExps e = row_exps(sc, off);
             float dc, gc;
-            jsd_sums(z, t, n, c, beta, dc, gc);
+            jsd_sums(z, t, e.eq, e.ep, n, c, chunk_scale(c, sc.cz[ci], sc.ct[ci], false), beta, dc, gc);
             d += dc;
             g += gc;
         }
@@ -527,17 +765,41 @@ KD_INLINE RowOut dense_row(const RowInfo& row, Scratch& sc) {
     }
     c.k_rev = static_cast<float>(lsq - lsp + out.div);
     if (!a.grad) return out;
-    sc.fixes.clear();
-    sweep<kMode, kCE>(row, sc, c);
+    sc.slots.clear();
+    run_sweep<kMode>(row, sc, c);
     return out;
 }
 
-// Teacher distribution on the valid slots of a sparse row; fills slot p / log p, returns D and
-// sets the gradient coefficients (P - R Q) and the per-slot corrections.
-KD_INLINE double sparse_divergence(const RowInfo& row, Scratch& sc, double& coef) {
+// Reads the valid slots of row r (index -1 = empty; the range was checked up front), sorted by
+// index; the student logits at the slots are read by the statistics pass. False for a bad row: a
+// duplicate index, a NaN or +inf value (-inf too for "probs"; it is zero mass for "logits" /
+// "logprobs"), a NaN or +inf tail.
+KD_INLINE bool gather_slots(const RowInfo& row, Scratch& sc, int64_t r) {
     const KDLossArgs& a = *row.a;
     std::vector<Slot>& slots = sc.slots;
-    const double inv_t = 1.0 / a.temperature;
+    slots.clear();
+    bool finite = true;
+    for (int64_t i = 0; i < a.k; ++i) {
+        const int64_t index = load_index(a.teacher_indices, a.index_dtype, r * a.k + i);
+        if (index < 0) continue;
+        const double value = load_scalar(a.teacher_values, a.values_dtype, r * a.k + i);
+        finite &= !std::isnan(value) && value != static_cast<double>(kInf) &&
+                  (a.teacher_kind != kTeacherProbs || value != -static_cast<double>(kInf));
+        slots.push_back(Slot{index, value, 0.0, 0.0, 0.0, 0.0, 0.0f});
+    }
+    if (a.teacher_tail) finite &= !std::isnan(a.teacher_tail[r]) && a.teacher_tail[r] != kInf;
+    std::sort(slots.begin(), slots.end(), [](const Slot& x, const Slot& y) { return x.index < y.index; });
+    for (size_t i = 1; i < slots.size(); ++i)
+        if (slots[i].index == slots[i - 1].index) return false;
+    return finite;
+}
+
+// Teacher distribution on the slots and D. Returns the off-slot gradient coefficient
+// C = P - R (1 - q_rest) and sets coef_on = P + R q_rest (slot gradient: coef_on q_i - p_i).
+KD_INLINE double sparse_divergence(const RowInfo& row, Scratch& sc, int64_t r, double log_q_rest, double& coef_on,
+                                   double& div) {
+    const KDLossArgs& a = *row.a;
+    std::vector<Slot>& slots = sc.slots;
     if (a.teacher_kind == kTeacherProbs) {
         for (Slot& sl : slots) {
             sl.p = sl.value > 0 ? sl.value : 0.0;
@@ -549,6 +811,7 @@ KD_INLINE double sparse_divergence(const RowInfo& row, Scratch& sc, double& coef
             sl.log_p = sl.value;
         }
     } else {
+        const double inv_t = 1.0 / a.temperature;
         double vmax = -kInf;
         for (const Slot& sl : slots) vmax = std::max(vmax, sl.value);
         double sum = 0;
@@ -562,62 +825,76 @@ KD_INLINE double sparse_divergence(const RowInfo& row, Scratch& sc, double& coef
             sl.p /= sum;
         }
     }
-    double div = 0, mass_p = 0, mass_q = 0;
+    double d = 0, mass_p = 0;
     for (const Slot& sl : slots) {
-        if (sl.p > 0) div += sl.p * (sl.log_p - sl.log_q);
+        if (sl.p > 0) d += sl.p * (sl.log_p - sl.log_q);
         mass_p += sl.p;
-        mass_q += std::exp(sl.log_q);
     }
-    double ratio = 0;  // R = p_rest / q_rest
+    double coef_off = mass_p;
+    coef_on = mass_p;
     if (a.tail) {
-        const double p_rest = std::max(1.0 - mass_p, 0.0);
-        const double q_rest_raw = 1.0 - mass_q;
-        const double q_rest = std::max(q_rest_raw, static_cast<double>(FLT_MIN));
-        if (p_rest > 0) {
-            div += p_rest * (std::log(p_rest) - std::log(q_rest));
-            if (q_rest_raw >= FLT_MIN) ratio = p_rest / q_rest;
+        const double log_p_rest = a.teacher_tail ? static_cast<double>(a.teacher_tail[r])
+                                                 : std::log(std::max(1.0 - mass_p, 0.0));
+        const double log_floor = std::log(static_cast<double>(FLT_MIN));
+        const bool floored = !(log_q_rest >= log_floor);  // q_rest < FLT_MIN (or no entry outside the slots)
+        if (log_p_rest > -static_cast<double>(kInf)) {
+            const double p_rest = std::exp(log_p_rest);
+            d += p_rest * (log_p_rest - (floored ? log_floor : log_q_rest));
+            if (!floored) {  // a floored q_rest is a constant: R = 0, as the reference's clamp
+                const double ratio = std::exp(log_p_rest - log_q_rest);  // R = p_rest / q_rest
+                coef_on += p_rest;                                       // R q_rest
+                coef_off = (mass_p + p_rest) - ratio;                    // P - R (1 - q_rest)
+            }
         }
     }
-    coef = mass_p - ratio * mass_q;
-    const double c_soft = a.grad_scale * a.soft_scale * inv_t;
-    sc.fixes.clear();
-    for (const Slot& sl : slots)
-        sc.fixes.push_back(SlotFix{sl.index, static_cast<float>(c_soft * (ratio * std::exp(sl.log_q) - sl.p))});
-    std::sort(sc.fixes.begin(), sc.fixes.end());
-    return div;
+    div = d;
+    return coef_off;
 }
 
-template <bool kCE>
-KD_INLINE RowOut sparse_row(const RowInfo& row, Scratch& sc, int64_t r, std::atomic<int64_t>& bad_index) {
+// kTail: the tail bucket, a template parameter so that the plain sparse rows do not carry its code.
+template <bool kCE, bool kTail>
+KD_INLINE RowOut sparse_row(const RowInfo& row, Scratch& sc, int64_t r) {
     const KDLossArgs& a = *row.a;
-    const Stats s = student_stats<kCE>(row, sc);
     RowOut out;
-    out.ce = hard_loss(row, s);
-    const double lsq = std::log(s.sq);
-    sc.slots.clear();
-    for (int64_t i = 0; i < a.k; ++i) {
-        const int64_t index = load_index(a.teacher_indices, a.index_dtype, r * a.k + i);
-        if (index == -1) continue;
-        if (index < -1 || index >= a.vocab) {
-            bad_index.store(index);
-            continue;
-        }
-        const double z = load_scalar(a.logits, a.logits_dtype, row.base + index);
-        const double value = load_scalar(a.teacher_values, a.values_dtype, r * a.k + i);
-        sc.slots.push_back(Slot{index, value, (z - s.mz) * row.inv_t - lsq, 0.0, 0.0});
+    if (!gather_slots(row, sc, r)) {
+        out.bad = true;
+        return out;
     }
-    double coef = 0;
-    out.div = sparse_divergence(row, sc, coef);
+    double log_q_rest = 0;
+    Stats s;
+    if (kTail) {
+        s = tail_stats<kCE>(row, sc, log_q_rest);
+    } else {
+        s = student_stats<kCE>(row, sc);
+        for (Slot& sl : sc.slots) sl.z = load_scalar(a.logits, a.logits_dtype, row.base + sl.index);
+    }
+    out.ce = hard_loss(row, s);
+    const double lsq = std::log(s.sq), ls1 = row.ce ? std::log(s.s1) : lsq;
+    for (Slot& sl : sc.slots) sl.log_q = (sl.z - s.mz) * row.inv_t - lsq;
+    double coef_on = 0;
+    const double coef_off = sparse_divergence(row, sc, r, log_q_rest, coef_on, out.div);
     if (!a.grad) return out;
     Sweep c = base_sweep(row, s);
-    c.c_soft = static_cast<float>(c.c_soft * coef);
-    sweep<-1, kCE>(row, sc, c);
+    for (Slot& sl : sc.slots) {
+        const double q = std::exp(sl.log_q);
+        const double hard = row.ce ? std::exp(sl.z - s.mz - ls1) : q;
+        sl.grad = static_cast<float>(c.c_hard * hard + c.c_soft * (coef_on * q - sl.p));
+    }
+    if (kTail && std::fabs(coef_off) > 1) {  // R > 1: C q_j may be large where q_j underflows
+        c.c_soft = coef_off < 0 ? -c.c_soft : c.c_soft;
+        c.lsq_soft = lsq - std::log(std::fabs(coef_off));
+    } else {
+        c.c_soft *= coef_off;
+    }
+    run_sweep<kSparse>(row, sc, c);
     return out;
 }
 
-KD_INLINE RowOut active_row(const RowInfo& row, Scratch& sc, int64_t r, std::atomic<int64_t>& bad_index) {
+KD_INLINE RowOut active_row(const RowInfo& row, Scratch& sc, int64_t r) {
     const KDLossArgs& a = *row.a;
-    if (!a.teacher_logits) return row.ce ? sparse_row<true>(row, sc, r, bad_index) : sparse_row<false>(row, sc, r, bad_index);
+    if (!a.teacher_logits && a.tail)
+        return row.ce ? sparse_row<true, true>(row, sc, r) : sparse_row<false, true>(row, sc, r);
+    if (!a.teacher_logits) return row.ce ? sparse_row<true, false>(row, sc, r) : sparse_row<false, false>(row, sc, r);
     switch (a.divergence) {
         case kReverseKL:
             return row.ce ? dense_row<kReverseKL, true>(row, sc) : dense_row<kReverseKL, false>(row, sc);
@@ -628,31 +905,29 @@ KD_INLINE RowOut active_row(const RowInfo& row, Scratch& sc, int64_t r, std::ato
     }
 }
 
-KD_CLONES double process_row(const KDLossArgs& a, int64_t r, Scratch& sc, std::atomic<int64_t>& bad_label,
-                             std::atomic<int64_t>& bad_index) {
+// One row: loss, CE and D rows and the gradient row. Inactive rows (label == ignore_index) get 0
+// and a zero gradient, bad rows NaN and a zero gradient.
+KD_CLONES double process_row(const KDLossArgs& a, int64_t r, Scratch& sc) {
     const int64_t base = r * a.vocab;
-    int64_t label = -1;
-    bool active = true;
-    if (a.labels) {
-        label = a.labels[r];
-        if (label == a.ignore_index) {
-            active = false;
-        } else if (label < 0 || label >= a.vocab) {
-            bad_label.store(label);
-            active = false;
-        }
+    const int64_t label = a.labels ? a.labels[r] : -1;
+    const bool active = !a.labels || label != a.ignore_index;
+    RowOut out;
+    if (active) {
+        const float inv_t = static_cast<float>(1.0 / a.temperature);
+        const bool ce = a.labels != nullptr && inv_t != 1.0f;
+        const RowInfo row{&a, base, label, inv_t, ce, ce && inv_t == 0.5f, streams(a.rows, a.vocab, a.logits_dtype)};
+        out = active_row(row, sc, r);
     }
-    if (!active) {
-        a.loss_rows[r] = a.ce_rows[r] = a.div_rows[r] = 0.0f;
+    if (!active || out.bad) {
+        const float fill = active ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
+        a.loss_rows[r] = a.ce_rows[r] = a.div_rows[r] = fill;
         if (a.grad) {
             const size_t element = element_size(a.logits_dtype);
             std::memset(static_cast<char*>(a.grad) + base * element, 0, static_cast<size_t>(a.vocab) * element);
         }
-        return 0.0;
+        return fill;
     }
-    const float inv_t = static_cast<float>(1.0 / a.temperature);
-    const RowInfo row{&a, base, label, inv_t, a.labels != nullptr && inv_t != 1.0f};
-    const RowOut out = active_row(row, sc, r, bad_index);
+    if (a.grad) store_fence();
     const double loss = a.hard_weight * out.ce + a.soft_scale * out.div;
     a.loss_rows[r] = static_cast<float>(loss);
     a.ce_rows[r] = static_cast<float>(out.ce);
@@ -660,7 +935,7 @@ KD_CLONES double process_row(const KDLossArgs& a, int64_t r, Scratch& sc, std::a
     return loss;
 }
 
-KD_CLONES void scale_row(void* out, const void* in, int dtype, int64_t base, int64_t vocab, float scale) {
+KD_CLONES void scale_row(void* out, const void* in, int dtype, int64_t base, int64_t vocab, float scale, bool stream) {
     alignas(64) float buf[kChunk];
     alignas(64) float g[kChunk];
     for (int64_t off = 0; off < vocab; off += kChunk) {
@@ -668,7 +943,7 @@ KD_CLONES void scale_row(void* out, const void* in, int dtype, int64_t base, int
         const float* x = load_chunk(in, dtype, base + off, n, buf);
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) g[j] = x[j] * scale;
-        store_chunk(out, dtype, base + off, n, g);
+        store_chunk(out, dtype, base + off, n, g, stream);
     }
 }
 
@@ -696,6 +971,23 @@ void advise_huge_pages(void* data, size_t bytes) {
 // Launchers: check, then one OpenMP loop over rows (dynamic: ignored rows finish early).
 // ---------------------------------------------------------------------------------------------
 
+// Labels and teacher indices are range-checked before any row runs, so that a bad value throws
+// before anything (possibly the logits themselves, inplace) is written.
+static void check_ranges(const KDLossArgs& a) {
+    for (int64_t r = 0; a.labels && r < a.rows; ++r) {
+        const int64_t label = a.labels[r];
+        if (label != a.ignore_index && (label < 0 || label >= a.vocab))
+            throw std::invalid_argument("kd_loss: labels must be in [0, " + std::to_string(a.vocab) +
+                                        ") or ignore_index; got " + std::to_string(label));
+    }
+    for (int64_t i = 0; !a.teacher_logits && i < a.rows * a.k; ++i) {
+        const int64_t index = load_index(a.teacher_indices, a.index_dtype, i);
+        if (index < -1 || index >= a.vocab)
+            throw std::invalid_argument("kd_loss: teacher_indices must be in [0, " + std::to_string(a.vocab) +
+                                        ") or -1; got " + std::to_string(index));
+    }
+}
+
 double kd_loss_forward(const KDLossArgs& a) {
     if (a.rows < 0 || a.vocab < 1 || !a.logits || !a.loss_rows || !a.ce_rows || !a.div_rows)
         throw std::invalid_argument("kd_loss: bad shapes or missing buffers");
@@ -704,31 +996,30 @@ double kd_loss_forward(const KDLossArgs& a) {
     const bool dense = a.teacher_logits != nullptr;
     if (!dense && (!a.teacher_indices || !a.teacher_values || a.k < 1))
         throw std::invalid_argument("kd_loss: needs teacher_logits or teacher_indices + teacher_values");
+    if (a.teacher_tail && (dense || !a.tail || a.teacher_kind != kTeacherLogprobs))
+        throw std::invalid_argument("kd_loss: teacher_tail needs a sparse \"logprobs\" teacher with tail");
     if (!(a.temperature > 0)) throw std::invalid_argument("kd_loss: temperature must be > 0");
+    check_ranges(a);
 
     if (a.grad && a.grad != a.logits)
         advise_huge_pages(a.grad, static_cast<size_t>(a.rows) * a.vocab * element_size(a.logits_dtype));
 
-    std::atomic<int64_t> bad_label{0}, bad_index{0};
-    constexpr int64_t kNone = std::numeric_limits<int64_t>::min();
-    bad_label.store(kNone);
-    bad_index.store(kNone);
     double total = 0;
     const int threads = std::max(1, a.num_threads);
 #pragma omp parallel num_threads(threads) if (threads > 1 && a.rows > 1) reduction(+ : total)
     {
         Scratch scratch;
+        const size_t vocab = static_cast<size_t>(a.vocab), chunks = static_cast<size_t>((a.vocab + kChunk - 1) / kChunk);
+        scratch.eq.resize(vocab);
+        if (dense) scratch.ep.resize(vocab);
+        const float inv_t = static_cast<float>(1.0 / a.temperature);
+        if (a.labels && inv_t != 1.0f && inv_t != 0.5f) scratch.e1.resize(vocab);
+        scratch.cz.resize(chunks);
+        scratch.ct.resize(chunks, -kInf);
         scratch.slots.reserve(static_cast<size_t>(a.k));
-        scratch.fixes.reserve(static_cast<size_t>(a.k));
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t r = 0; r < a.rows; ++r) total += process_row(a, r, scratch, bad_label, bad_index);
+        for (int64_t r = 0; r < a.rows; ++r) total += process_row(a, r, scratch);
     }
-    if (bad_label.load() != kNone)
-        throw std::invalid_argument("kd_loss: labels must be in [0, " + std::to_string(a.vocab) +
-                                    ") or ignore_index; got " + std::to_string(bad_label.load()));
-    if (bad_index.load() != kNone)
-        throw std::invalid_argument("kd_loss: teacher_indices must be in [0, " + std::to_string(a.vocab) +
-                                    ") or -1; got " + std::to_string(bad_index.load()));
     return total;
 }
 
@@ -741,7 +1032,8 @@ void kd_loss_scale_grad(void* out, const void* in, int dtype, int64_t rows, int6
 #pragma omp parallel for num_threads(threads) if (threads > 1 && rows > 1) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         const float s = static_cast<float>(row_scale ? scale * row_scale[r] : scale);
-        scale_row(out, in, dtype, r * vocab, vocab, s);
+        scale_row(out, in, dtype, r * vocab, vocab, s, streams(rows, vocab, dtype));
+        store_fence();
     }
 }
 

@@ -24,6 +24,7 @@ struct KDLossArgs {
     int index_dtype = kInt64;
     const void* teacher_values = nullptr;   // [rows, k] any float dtype
     int values_dtype = kFloat32;
+    const float* teacher_tail = nullptr;    // [rows] log p_rest ("logprobs" + tail only), or nullptr: recompute
     int64_t k = 0;
     int teacher_kind = kTeacherLogits;
     bool tail = false;
@@ -41,7 +42,9 @@ struct KDLossArgs {
 };
 
 // Fills loss_rows / ce_rows / div_rows (and grad unless it is null); returns the sum of loss_rows in
-// double precision. Throws std::invalid_argument on a label or teacher index out of range.
+// double precision. Throws std::invalid_argument on a label or teacher index out of range, before
+// any row is written. A bad row (duplicate valid index, non-finite teacher value) gets NaN in
+// loss_rows / ce_rows / div_rows and a zero gradient.
 double kd_loss_forward(const KDLossArgs& args);
 
 // out[r, :] = in[r, :] * scale * (row_scale ? row_scale[r] : 1), computed in float32 and rounded once

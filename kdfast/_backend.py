@@ -1,4 +1,5 @@
-"""The only place that imports optional dependencies: the ``_C`` extension and Triton.
+"""The only place that imports optional dependencies (the ``_C`` extension and Triton), and the one
+place that picks and synchronizes a device (``resolve_device``, ``synchronize``).
 
 Each probe runs once. A backend is usable when its dependency imports; Triton additionally needs a
 CUDA device or the interpreter (``TRITON_INTERPRET=1``, which runs kernels on CPU tensors and is how
@@ -67,3 +68,26 @@ def unavailable_reason(name: str) -> str:
 def op_module(backend: str, op: str) -> ModuleType:
     """``kdfast.ops.<backend>.<op>``; imported lazily so that a missing dependency costs nothing."""
     return importlib.import_module(f"kdfast.ops.{backend}.{op}")
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """None / "auto": cuda:LOCAL_RANK when CUDA is available, else cpu; a bare "cuda" is cuda:LOCAL_RANK.
+    A request this process cannot use raises ValueError here, not inside a model or kernel."""
+    if name is None or name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device {name!r}: {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA); a no-op on CPU, where work is already done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -21,16 +21,14 @@ what one forward + backward allocates through PyTorch above what was live before
 CPU allocator keeps).
 
 Writes ``bench.json`` (machine, settings, every result) and ``bench_vocab.png`` (time against
-vocabulary size) into ``--out`` and prints the table.
+vocabulary size) into the output directory (``kdfast bench --out``) and prints the table.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -44,6 +42,7 @@ import torch
 
 import kdfast
 from kdfast import reference
+from kdfast._backend import resolve_device, synchronize
 from kdfast._shapes import (
     CPU_QUICK_SHAPES,
     CPU_SHAPES,
@@ -54,9 +53,9 @@ from kdfast._shapes import (
     kd_loss_bytes,
     vocab_sweep,
 )
-from kdfast._table import markdown_table
+from kdfast.report import describe_machine, load_average, markdown_table, plot_sweep
 
-__all__ = ["LOSS_OPTIONS", "add_arguments", "run", "main"]
+__all__ = ["LOSS_OPTIONS", "IMPLS", "run_bench"]
 
 LOSS_OPTIONS = {"temperature": 2.0, "hard_weight": 0.5, "soft_weight": 0.5}
 TOPK_KIND = "logits"  # renormalized top-k teacher logits, as in bench/bench_kd_loss.py
@@ -94,40 +93,32 @@ class Plan:
     copy_mib: int
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (CI smoke run)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="directory for bench.json and bench_vocab.png")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median reported)")
-    parser.add_argument("--impl", action="append", choices=IMPLS, default=None,
-                        help="implementation to run (repeatable); default: every one available here")
-    parser.add_argument("--no-sweep", action="store_true", help="skip the vocabulary sweep (and the PNG)")
-
-
-def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but no CUDA device is visible")
-    if args.repeats is not None and args.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-    plan = make_plan(device, args.quick, args.repeats, args.no_sweep)
-    impls, skipped = available_impls(device, args.impl)
+def run_bench(out: Path, *, device: str | None = None, quick: bool = False, repeats: int | None = None,
+              impls: list[str] | None = None, sweep: bool = True) -> int:
+    """Measure, print the table, write ``out/bench.json`` (and ``out/bench_vocab.png`` with the sweep).
+    device: "cpu", "cuda" or None (CUDA when available); impls: names from IMPLS (default: all that
+    can run here). Returns 1 when any measurement failed (its cell shows the error), else 0."""
+    device = resolve_device(device)
+    if repeats is not None and repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    plan = make_plan(device, quick, repeats, not sweep)
+    impls, skipped = available_impls(device, impls)
     machine = describe_machine(device)
     print(f"kdfast bench on {machine['device_name']} ({device.type}, {machine['threads']} threads)", flush=True)
     for name, reason in skipped.items():
         print(f"  skipped {name}: {reason}", flush=True)
 
-    load_before = _load_average()
     copy_gbps = copy_bandwidth(device, plan.copy_mib, plan.repeats)
     print(f"  copy bandwidth: {copy_gbps:.1f} GB/s (read + write of {plan.copy_mib} MiB)", flush=True)
     results = measure_all(plan, impls, copy_gbps)
-    machine |= {"copy_gbps": copy_gbps, "load_average_before": load_before, "load_average_after": _load_average()}
+    machine |= {"copy_gbps": copy_gbps, "load_average_after": load_average()}
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / "bench.json"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "bench.json"
     report = {
         "machine": machine,
-        "settings": {"quick": args.quick, "repeats": plan.repeats, "loss": LOSS_OPTIONS, "topk_kind": TOPK_KIND,
+        "settings": {"quick": quick, "repeats": plan.repeats, "loss": LOSS_OPTIONS, "topk_kind": TOPK_KIND,
                      "skipped": skipped},
         "results": [asdict(r) for r in results["table"]],
         "sweep": [asdict(r) for r in results["sweep"]],
@@ -137,17 +128,11 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(results["table"], machine))
     print(f"\nwrote {json_path}", end="")
     if plan.sweep:
-        png_path = args.out / "bench_vocab.png"
-        plot_sweep(results["sweep"], png_path, machine["device_name"])
+        png_path = out / "bench_vocab.png"
+        plot_vocab_sweep(results["sweep"], png_path, machine["device_name"])
         print(f" and {png_path}", end="")
     print()
     return 1 if any(r.error for r in results["table"] + results["sweep"]) else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kdfast bench", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,6 +156,9 @@ def make_plan(device: torch.device, quick: bool, repeats: int | None, no_sweep: 
 
 def available_impls(device: torch.device, wanted: list[str] | None) -> tuple[dict[str, LossFn], dict[str, str]]:
     """Implementations runnable on ``device`` (name -> loss function) and why the others are not."""
+    unknown = sorted(set(wanted or ()) - set(IMPLS))
+    if unknown:
+        raise ValueError(f"impls: {unknown} not among {IMPLS}")
     backends = kdfast.available_backends()
     impls: dict[str, LossFn] = {}
     skipped: dict[str, str] = {}
@@ -236,42 +224,11 @@ def _liger_loss() -> LossFn:
 # ----------------------------------------------------------------------------------------------
 
 
-def describe_machine(device: torch.device) -> dict:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = _cpu_model() or platform.processor() or platform.machine()
-    return {
-        "device": device.type,
-        "device_name": name,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "kdfast": kdfast.__version__,
-        "backends": kdfast.available_backends(),
-    }
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn: Callable[[], None], device: torch.device) -> float:
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     fn()
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -442,46 +399,16 @@ def format_table(results: list[Result], machine: dict) -> str:
             rows.append((r.impl, r.shape, f"{r.median_ms:.2f}", f"{r.gbps:.1f}", f"{r.pct_copy:.0f}%", peak))
     title = (f"kd_loss forward+backward on {machine['device_name']} ({machine['threads']} threads), median times; "
              f"copy bandwidth {machine['copy_gbps']:.1f} GB/s")
-    if machine["device"] == "cpu" and machine.get("load_average_before") is not None:
-        title += f"; load average {machine['load_average_before'][0]:.1f} -> {machine['load_average_after'][0]:.1f}"
+    if machine["device"] == "cpu" and machine["load_average"] is not None:
+        title += f"; load average {machine['load_average'][0]:.1f} -> {machine['load_average_after'][0]:.1f}"
     return f"{title}\n\n{markdown_table(header, rows)}"
 
 
-def _load_average() -> list[float] | None:
-    """1/5/15-minute load averages: timings on a shared machine are only as good as its load."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def plot_sweep(results: list[Result], path: Path, device_name: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for impl in dict.fromkeys(r.impl for r in results):
-        points = sorted((r.vocab, r.median_ms) for r in results if r.impl == impl and not r.error)
-        if points:
-            ax.plot(*zip(*points), marker="o", label=impl)
+def plot_vocab_sweep(results: list[Result], path: Path, device_name: str) -> None:
+    """Median time against V, one line per implementation (``kdfast.report.plot_sweep``)."""
+    series = {impl: [(r.vocab, r.median_ms) for r in results if r.impl == impl and not r.error]
+              for impl in dict.fromkeys(r.impl for r in results)}
     first = results[0] if results else None
     subtitle = f" (N={first.rows}, {first.dtype}, {first.teacher} teacher)" if first else ""
-    ax.set_xscale("log", base=2)
-    vocabs = sorted({r.vocab for r in results})
-    ax.set_xticks(vocabs, labels=[f"{v:,}" for v in vocabs], minor=False)
-    ax.set_xticks([], minor=True)
-    ax.set_yscale("log")
-    ax.set_xlabel("vocabulary size V")
-    ax.set_ylabel("forward + backward, median ms")
-    ax.set_title(f"kd_loss on {device_name}{subtitle}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_sweep(path, series, title=f"kd_loss on {device_name}{subtitle}")
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,16 +14,33 @@ Two modes, both at the capture temperature T (logits / T):
 Position i of a stored sequence holds the teacher's distribution for token i + 1, computed from its
 logits at position i (see ``kdfast.shards.dataset`` for how that lines up with labels).
 
+Sequences are either a token array [N, L] (every position learned) or a ``kdfast.sources.DataSource``
+(variable-length (tokens, mask) pairs from a dataset file, see docs/data.md). The teacher always sees
+whole sequences (a batch is right-padded to its longest sequence; the teacher is causal, so padding
+after a sequence does not change its logits), but top-k / sampling runs and targets are stored only
+where the mask is on.
+
 Crash safety: the writer owns the directory state (see ``kdfast.shards.writer``). Batches never
 cross a shard boundary, so a resumed capture runs the teacher on exactly the batches an
 uninterrupted one would and on CPU writes byte-identical shards.
+
+Parallel capture: under ``torchrun`` (or RANK / WORLD_SIZE set by hand) each rank captures every
+WORLD_SIZE-th single-process shard into ``out/.rank-r`` and rank 0 merges them into the dataset one
+process would write (see ``_parallel_capture`` and docs/shard-format.md section 4.1).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import datetime
 import functools
 import importlib
+import inspect
+import itertools
 import json
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +51,9 @@ import torch
 import xxhash
 from tqdm import tqdm
 
+from kdfast._backend import resolve_device, synchronize
+from kdfast.served import ServedTeacher
+from kdfast.shards.reader import open_shards
 from kdfast.shards.writer import ShardWriter
 
 __all__ = ["capture", "CaptureResult", "Teacher", "load_teacher", "load_token_file", "tokenize_text",
@@ -76,7 +96,11 @@ class Teacher:
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, L, V]
         self.load()
-        return self._forward(input_ids)
+        logits = self._forward(input_ids)
+        if not isinstance(logits, torch.Tensor):
+            raise ValueError(f"teacher {self.identity['name']!r} returned {type(logits).__name__}, not a logits tensor "
+                             f"[B, L, V]: {_TEACHER_PROTOCOL}")
+        return logits
 
     def vocab_size(self, probe_ids: torch.Tensor) -> int:  # probe_ids: [1, l]
         """The logits' width, from the model config or else from one tiny forward pass."""
@@ -85,17 +109,20 @@ class Teacher:
         return self._vocab_size
 
 
-def load_teacher(spec, *, device: torch.device, dtype: torch.dtype | None = None, name: str | None = None) -> Teacher:
+def load_teacher(spec, *, device: torch.device, dtype: torch.dtype | None = None, name: str | None = None,
+                 progress: bool = True) -> Teacher:
     """A Teacher from a local Hugging Face model directory, a ``"module:attribute"`` callable, or a callable.
 
     Hugging Face models are loaded with ``local_files_only=True`` (never the network), in ``dtype``
-    (default: bfloat16 on CUDA, float32 on CPU), on ``device``, in eval mode.
+    (default: bfloat16 on CUDA, float32 on CPU), on ``device``, in eval mode; ``progress=False``
+    silences transformers' loading bar too.
     """
     if callable(spec):
+        _check_takes_input_ids(spec, name or _qualified_name(spec))
         return Teacher({"type": "callable", "name": name or _qualified_name(spec)}, lambda: spec)
     spec = str(spec)
     if Path(spec).is_dir():
-        return _hf_teacher(Path(spec), device, dtype)
+        return _hf_teacher(Path(spec), device, dtype, progress)
     if ":" in spec:
         module, _, attribute = spec.partition(":")
         try:
@@ -104,8 +131,27 @@ def load_teacher(spec, *, device: torch.device, dtype: torch.dtype | None = None
             raise ValueError(f"teacher {spec!r}: cannot import it ({e})") from None
         if not callable(forward):
             raise ValueError(f"teacher {spec!r} is not callable")
+        _check_takes_input_ids(forward, spec)
         return Teacher({"type": "callable", "name": name or spec}, lambda: forward)
     raise ValueError(f"teacher {spec!r} is neither a local Hugging Face model directory nor 'module:callable'")
+
+
+_TEACHER_PROTOCOL = ("a teacher is the forward function input_ids [B, L] -> logits [B, L, V], not a factory "
+                        "that builds the model (as the trainer's student_module is) nor a model returning an "
+                        "output object; wrap the model: `def teacher(input_ids): return model(input_ids).logits`")
+
+
+def _check_takes_input_ids(forward: Callable, name: str) -> None:
+    """A factory passed as the teacher fails here with the protocol, not later as a TypeError."""
+    try:
+        signature = inspect.signature(forward)
+    except (TypeError, ValueError):  # no introspectable signature (some builtins): the call will tell
+        return
+    try:
+        signature.bind(None)
+    except TypeError:
+        raise ValueError(f"teacher {name!r} cannot be called with one argument (signature {signature}): "
+                         f"{_TEACHER_PROTOCOL}") from None
 
 
 def _qualified_name(obj) -> str:
@@ -113,7 +159,7 @@ def _qualified_name(obj) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
-def _hf_teacher(directory: Path, device: torch.device, dtype: torch.dtype | None) -> Teacher:
+def _hf_teacher(directory: Path, device: torch.device, dtype: torch.dtype | None, progress: bool) -> Teacher:
     config_path = directory / "config.json"
     if not config_path.exists():
         raise ValueError(f"teacher directory {directory} has no config.json (not a Hugging Face model)")
@@ -126,11 +172,27 @@ def _hf_teacher(directory: Path, device: torch.device, dtype: torch.dtype | None
     def load() -> Callable:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype)
+        with transformers_progress_bars(progress):
+            model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype)
         model.to(device).eval()
         return lambda input_ids: model(input_ids=input_ids, use_cache=False).logits
 
     return Teacher(identity, load, vocab)
+
+
+@contextlib.contextmanager
+def transformers_progress_bars(enabled: bool):
+    """transformers' own bars (loading / writing weights) follow ``progress`` too, then are restored."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _files_fingerprint(directory: Path) -> str:
@@ -151,6 +213,13 @@ def _files_fingerprint(directory: Path) -> str:
                 f.seek(max(size - _FINGERPRINT_SPAN, 0))
                 digest.update(f.read())
     return digest.hexdigest()
+
+
+def _tokenizer_beside(teacher) -> Path | None:
+    """A Hugging Face teacher directory that also holds its tokenizer (as ``save_pretrained`` leaves it)."""
+    if callable(teacher) or not Path(teacher).is_dir():
+        return None
+    return Path(teacher) if any((Path(teacher) / name).exists() for name in _TOKENIZER_FILES) else None
 
 
 def tokenizer_identity(directory: str | Path | None) -> dict | None:
@@ -283,45 +352,191 @@ class CaptureResult:
     write_seconds: float  # encoding, checksums, file writes, fsync, manifest
 
 
-def capture(teacher, tokens: np.ndarray, out_dir: str | Path, *, k: int = 64, temperature: float = 1.0,
+def capture(teacher, tokens, out_dir: str | Path, *, k: int = 64, temperature: float = 1.0,
             mode: str = "topk", num_samples: int | None = None, batch_size: int = 8, device: str | None = None,
             dtype: str | None = None, shard_tokens: int = 1 << 20, value_dtype: str = "float16",
             index_encoding: str = "int32", seed: int = 0, teacher_name: str | None = None,
             tokenizer: str | Path | None = None, progress: bool = True) -> CaptureResult:
-    """Capture ``teacher``'s targets for ``tokens`` [N, L] into the shard directory ``out_dir``.
+    """Capture ``teacher``'s targets for ``tokens`` into the shard directory ``out_dir``.
 
-    teacher: local Hugging Face model directory, ``"module:callable"``, or a callable
-        ``input_ids [B, L] int64 -> logits [B, L, V]``. device: "auto"/None = CUDA when available.
+    tokens: an integer array [N, L] (every position learned) or a ``kdfast.sources.DataSource``
+        (its (tokens [L], mask [L]) sequences; targets are computed and stored where mask is True).
+
+    teacher: local Hugging Face model directory, ``"module:callable"``, a callable
+        ``input_ids [B, L] int64 -> logits [B, L, V]``, or a ``kdfast.served.ServedTeacher`` (top-k
+        mode at temperature 1 only; batch_size sequences are requests in flight).
+        device: "auto"/None = CUDA when available.
         dtype: model dtype for Hugging Face teachers ("float32", "bfloat16", "float16"; default
         bfloat16 on CUDA, float32 on CPU); targets are always computed from float32 logits.
     k: slots per position; in sampled mode it must hold every distinct sample (k >= min(num_samples,
         V)); num_samples defaults to k. shard_tokens: tokens per shard (rounded up to whole sequences).
-    tokenizer: tokenizer directory recorded in the manifest (used by ``kdfast inspect``).
+    tokenizer: tokenizer directory recorded in the manifest (used by ``kdfast inspect``); default:
+        the teacher's directory when it holds tokenizer files.
     Rerunning with the same arguments after an interruption finishes the job; a finished directory
     is left as is; a directory holding a different capture raises ValueError.
     """
-    tokens = _check_tokens(tokens)
+    source = tokens if hasattr(tokens, "identity") else None
+    tokens = _check_tokens(tokens) if source is None else None
     num_samples = _check_options(k, temperature, mode, num_samples, batch_size, seed)
-    run_device = _resolve_device(device)
-    model = load_teacher(teacher, device=run_device, dtype=_parse_dtype(dtype), name=teacher_name)
-    vocab = model.vocab_size(torch.zeros((1, min(tokens.shape[1], 4)), dtype=torch.int64, device=run_device))
-    _check_vocab(tokens, k, vocab, mode, num_samples)
+    run_device = resolve_device(device)
+    if isinstance(teacher, ServedTeacher):
+        model, vocab = teacher, _check_served(teacher, k, mode, temperature, tokenizer)
+    else:
+        tokenizer = tokenizer if tokenizer is not None else _tokenizer_beside(teacher)
+        model = load_teacher(teacher, device=run_device, dtype=_parse_dtype(dtype), name=teacher_name,
+                             progress=progress)
+        probe = min(tokens.shape[1] if source is None else source.max_len, 4)
+        vocab = model.vocab_size(torch.zeros((1, probe), dtype=torch.int64, device=run_device))
+    _check_fits_teacher_vocab(tokens, k, vocab, mode, num_samples)
     metadata = {
         "teacher": model.identity, "tokenizer": tokenizer_identity(tokenizer),
-        "source": {"fingerprint": fingerprint_tokens(tokens), "sequences": tokens.shape[0], "seq_len": tokens.shape[1]},
+        "source": source.identity() if source is not None else
+        {"fingerprint": fingerprint_tokens(tokens), "sequences": tokens.shape[0], "seq_len": tokens.shape[1]},
         "capture": {"mode": mode, "num_samples": num_samples if mode == "sampled" else None, "seed": seed},
     }
-    writer = ShardWriter(out_dir, vocab_size=vocab, k=k, kind="logprobs" if mode == "topk" else "probs",
-                         value_dtype=value_dtype, index_encoding=index_encoding, capture_temperature=temperature,
-                         shard_tokens=shard_tokens, metadata=metadata, resume=True)
-    if not writer.complete:
-        if writer.num_sequences:
-            log.warning("%s: resuming after %d of %d sequences", out_dir, writer.num_sequences, tokens.shape[0])
-        model.load()
-    loop = _CaptureLoop(model, writer, tokens, run_device, k, temperature, mode, num_samples, seed)
-    with torch.inference_mode():
-        loop.run(batch_size, progress)
-    return loop.result()
+    options = dict(vocab_size=vocab, k=k, kind="logprobs" if mode == "topk" else "probs", value_dtype=value_dtype,
+                   index_encoding=index_encoding, capture_temperature=temperature, shard_tokens=shard_tokens,
+                   metadata=metadata)
+    sequences = ((t, m, i) for i, (t, m) in enumerate(source if source is not None else ((r, None) for r in tokens)))
+    run = functools.partial(_run, model, sequences=sequences, device=run_device, k=k, temperature=temperature,
+                            mode=mode, num_samples=num_samples, seed=seed, batch_size=batch_size, progress=progress)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _parallel_capture(run, Path(out_dir), options)
+    return run(ShardWriter(out_dir, **options, resume=True), total_tokens=tokens.size if source is None else None)
+
+
+def _run(model, writer: ShardWriter, *, sequences, device, k, temperature, mode, num_samples, seed, batch_size,
+         progress, total_tokens=None) -> CaptureResult:
+    """Capture (tokens, mask, index) ``sequences`` into ``writer`` (resuming after what it holds), then finish it."""
+    try:  # the writer holds the directory's lock until closed, also when the teacher fails
+        if not writer.complete:
+            if writer.num_sequences:
+                log.warning("%s: resuming after %d sequences", writer.directory, writer.num_sequences)
+            if not isinstance(model, ServedTeacher):
+                model.load()
+        loop = _CaptureLoop(model, writer, sequences, device, k, temperature, mode, num_samples, seed, total_tokens)
+        with torch.inference_mode():
+            loop.run(batch_size, progress)
+        return loop.result()
+    finally:
+        writer.close()
+
+
+# --- parallel capture (torchrun) -----------------------------------------------------------------
+
+_RANK_DIR = ".rank-{}"
+_WAIT = datetime.timedelta(days=7)  # ranks wait at the end for the slowest one, however long it takes
+
+
+def _parallel_capture(run, out: Path, options: dict) -> CaptureResult:
+    """One rank of a ``torchrun`` / RANK+WORLD_SIZE capture into ``out``.
+
+    The sequences are cut into the shards a single-process capture would write (boundaries depend only
+    on lengths and shard_tokens); rank r captures shards r, r + W, ... into ``out/.rank-r`` (its own
+    resumable writer, with the same batches as one process). Rank 0 holds ``out``'s writer throughout
+    and, once every rank is done, copies the sequences shard by shard in the single-process order into
+    ``out`` (resumable too), writes the one manifest and removes the rank directories.
+    """
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", timeout=_WAIT)
+    final = None
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        _check_same_arguments(dist, options, rank, world)
+        final = _on_rank_zero(dist, rank, lambda: ShardWriter(out, **options, resume=True))
+        result = None
+        if not _broadcast(dist, final.complete if rank == 0 else None):
+            part = {**options, "metadata": {**options["metadata"], "parallel": {"rank": rank, "world_size": world}}}
+            writer = ShardWriter(out / _RANK_DIR.format(rank), **part, resume=True)
+            result = run(writer, sequences=_rank_share(run.keywords["sequences"], options["shard_tokens"], rank, world))
+        dist.barrier()
+        total = _on_rank_zero(dist, rank, lambda: _merge(final, out, world))
+        total = _broadcast(dist, total)
+        if result is None:
+            return CaptureResult(out, total, 0, 0, 0.0, 0.0, 0.0)
+        return CaptureResult(out, total, *dataclasses.astuple(result)[2:])
+    finally:
+        if final is not None:
+            final.close()
+        if owned:
+            dist.destroy_process_group()
+
+
+def _rank_share(sequences, shard_tokens: int, rank: int, world: int):
+    """The sequences of single-process shards rank, rank + world, ... (cut as ShardWriter cuts them)."""
+    shard, tokens = 0, 0
+    for sequence in sequences:
+        if shard % world == rank:
+            yield sequence
+        tokens += len(sequence[0])
+        if tokens >= shard_tokens:
+            shard, tokens = shard + 1, 0
+
+
+def _check_same_arguments(dist, options: dict, rank: int, world: int) -> None:
+    """Every rank must capture the same dataset: ValueError on all ranks naming what differs."""
+    mine = json.loads(json.dumps(options))
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    for other, theirs in enumerate(everyone):
+        differ = sorted(key for key in mine if theirs.get(key) != everyone[0].get(key))
+        if differ:
+            raise ValueError(f"parallel capture: rank {other} was started with different arguments than rank 0 "
+                             f"(differing: {', '.join(differ)}); start every rank with the same command")
+
+
+def _broadcast(dist, value):
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], dict) and "error" in box[0]:
+        raise ValueError(box[0]["error"])
+    return box[0]
+
+
+def _on_rank_zero(dist, rank: int, fn):
+    """fn() on rank 0; its failure is sent to every rank (which raise it too) instead of leaving them waiting."""
+    if rank != 0:
+        return _broadcast(dist, None)
+    try:
+        value = fn()
+    except Exception as e:
+        _broadcast(dist, {"error": f"rank 0: {e}"})
+        raise
+    _broadcast(dist, None)
+    return value
+
+
+def _merge(final: ShardWriter, out: Path, world: int) -> int:
+    """Rank 0: the rank directories' sequences into ``final`` in single-process order; returns their count."""
+    if not final.complete:
+        parts = [open_shards(out / _RANK_DIR.format(rank)) for rank in range(world)]
+        shard = len(final.shards)  # a resumed merge continues after the shards it already wrote
+        while shard // world < len(parts[shard % world].manifest["shards"]):
+            part, entry = parts[shard % world], parts[shard % world].manifest["shards"][shard // world]
+            for index in range(entry["first_sequence"], entry["first_sequence"] + entry["sequences"]):
+                tokens, indices, values, tail, mask = part.read(index)
+                final.add(tokens, indices, values, tail, mask=mask)
+            shard += 1
+        final.finish()
+    for rank_dir in out.glob(_RANK_DIR.format("*")):
+        shutil.rmtree(rank_dir)
+    return final.num_sequences
+
+
+def _check_served(teacher: ServedTeacher, k: int, mode: str, temperature: float, tokenizer) -> int:
+    """A served teacher gives top-k log-probs of the raw logits (vLLM's prompt log-probs ignore sampling
+    parameters) for its own k; its tokenizer must match the local one. Returns its vocabulary size."""
+    if teacher.k != k:
+        raise ValueError(f"k={k} but the served teacher was opened with k={teacher.k}")
+    if mode != "topk" or temperature != 1.0:
+        raise ValueError(f"a served teacher captures mode 'topk' at temperature 1.0, got mode={mode!r} and "
+                         f"temperature={temperature!r}")
+    if tokenizer is not None:
+        teacher.check_tokenizer(tokenizer)
+    return teacher.vocab_size
 
 
 def _check_tokens(tokens) -> np.ndarray:  # [N, L]
@@ -347,28 +562,19 @@ def _check_options(k, temperature, mode, num_samples, batch_size, seed) -> int:
     return num_samples
 
 
-def _check_vocab(tokens: np.ndarray, k: int, vocab: int, mode: str, num_samples: int) -> None:
+def _check_fits_teacher_vocab(tokens: np.ndarray | None, k: int, vocab: int, mode: str, num_samples: int) -> None:
+    """k slots, the samples and every token id fit the teacher's vocabulary (ids of a data source are
+    checked batch by batch)."""
     if k > vocab:
         raise ValueError(f"k={k} exceeds the teacher's vocabulary of {vocab}")
     if mode == "sampled" and k < min(num_samples, vocab):
         raise ValueError(f"k={k} slots cannot hold up to {min(num_samples, vocab)} distinct samples; "
                          f"use k >= num_samples={num_samples}")
+    if tokens is None:
+        return
     low, high = int(tokens.min()), int(tokens.max())
     if low < 0 or high >= vocab:
         raise ValueError(f"token ids span [{low}, {high}], outside the teacher's vocabulary [0, {vocab})")
-
-
-def _resolve_device(device: str | None) -> torch.device:
-    """None / "auto": the GPU when there is one; an unusable request fails here, not inside the model."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"device {device!r}: {e}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return resolved
 
 
 def _parse_dtype(dtype: str | None) -> torch.dtype | None:
@@ -380,41 +586,77 @@ def _parse_dtype(dtype: str | None) -> torch.dtype | None:
 
 
 class _CaptureLoop:
-    """Batches of sequences through the teacher into the writer, timing each stage."""
+    """Batches of (tokens [L], mask [L] or None, index in the whole input) sequences through the teacher
+    into the writer, timing each stage."""
 
-    def __init__(self, teacher: Teacher, writer: ShardWriter, tokens: np.ndarray, device: torch.device, k: int,
-                 temperature: float, mode: str, num_samples: int, seed: int):
-        self.teacher, self.writer, self.tokens, self.device = teacher, writer, tokens, device
+    def __init__(self, teacher: Teacher, writer: ShardWriter, sequences, device: torch.device, k: int,
+                 temperature: float, mode: str, num_samples: int, seed: int, total_tokens: int | None):
+        self.teacher, self.writer, self.sequences, self.device = teacher, writer, sequences, device
         self.k, self.temperature, self.mode, self.num_samples, self.seed = k, temperature, mode, num_samples, seed
         self.seconds = {"teacher": 0.0, "targets": 0.0, "write": 0.0}
-        self.start = writer.num_sequences
+        self.start, self.total_tokens, self.captured_tokens = writer.num_sequences, total_tokens, 0
 
     def run(self, batch_size: int, progress: bool) -> None:
-        count, length = self.tokens.shape
-        first = self.writer.num_sequences
-        with tqdm(total=count * length, initial=first * length, unit="tok", unit_scale=True, desc="capture",
+        stored = sum(shard["tokens"] for shard in self.writer.shards) + self.writer.pending_tokens
+        with tqdm(total=self.total_tokens, initial=stored, unit="tok", unit_scale=True, desc="capture",
                   disable=not progress or self.writer.complete) as bar:
-            while not self.writer.complete and self.writer.num_sequences < count:
-                done = self.writer.num_sequences
-                end = min(done + batch_size, count, done + self._sequences_left_in_shard(length))
-                self._batch(done, end)
-                bar.update((end - done) * length)
+            if not self.writer.complete:
+                stream = itertools.islice(iter(self.sequences), self.writer.num_sequences, None)  # resume
+                for batch in self._batches(stream, batch_size):
+                    self._batch(batch)
+                    self.captured_tokens += (tokens := sum(len(t) for t, *_ in batch))
+                    bar.update(tokens)
             self._timed("write", self.writer.finish)
 
-    def _sequences_left_in_shard(self, length: int) -> int:
-        """Batches stop at shard boundaries so that a resumed run sees the same batches."""
-        return -(-(self.writer.shard_tokens - self.writer.pending_tokens) // length)
+    def _batches(self, stream, batch_size: int):
+        """Up to batch_size sequences; a batch ends at a shard boundary, so a resumed run sees the same
+        batches (pulled lazily: each batch starts from the writer's state after the previous one)."""
+        while True:
+            left, batch, tokens = self.writer.shard_tokens - self.writer.pending_tokens, [], 0
+            for sequence in stream:
+                batch.append(sequence)
+                tokens += len(sequence[0])
+                if len(batch) == batch_size or tokens >= left:
+                    break
+            if not batch:
+                return
+            yield batch
 
-    def _batch(self, start: int, end: int) -> None:
-        input_ids = torch.from_numpy(self.tokens[start:end].astype(np.int64)).to(self.device)  # [B, L]
+    def _batch(self, batch: list) -> None:
+        vocab = self.writer.config["vocab_size"]
+        if isinstance(self.teacher, ServedTeacher):  # the server sends top-k rows, not logits
+            self._served_batch(batch)
+            return
+        longest = max(len(tokens) for tokens, *_ in batch)
+        input_ids = torch.zeros((len(batch), longest), dtype=torch.int64)  # [B, L] right-padded with id 0
+        for row, (tokens, _, index) in enumerate(batch):
+            if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
+                raise ValueError(f"sequence {index}: token ids span [{int(tokens.min())}, {int(tokens.max())}], "
+                                 f"outside the teacher's vocabulary [0, {vocab})")
+            input_ids[row, :len(tokens)] = torch.from_numpy(np.array(tokens, np.int64))  # a copy: memmaps are read-only
+        input_ids = input_ids.to(self.device)
         logits = self._timed("teacher", self.teacher, input_ids)
-        expected = (*input_ids.shape, self.writer.config["vocab_size"])
+        expected = (*input_ids.shape, vocab)
         if tuple(logits.shape) != expected:
             raise ValueError(f"teacher returned logits {tuple(logits.shape)} for input_ids {tuple(input_ids.shape)}; "
                              f"expected {expected}")
-        for row in range(end - start):
-            targets = self._timed("targets", self._targets, logits[row], start + row)
-            self._timed("write", self.writer.add, self.tokens[start + row], *targets)
+        for row, (tokens, mask, index) in enumerate(batch):
+            rows = logits[row, :len(tokens)]  # [L, V]
+            if mask is not None:
+                rows = rows[torch.from_numpy(np.asarray(mask, bool)).to(self.device)]  # [R, V]: learned only
+            targets = self._timed("targets", self._targets, rows, index)
+            self._timed("write", functools.partial(self.writer.add, mask=mask), tokens, *targets)
+
+    def _served_batch(self, batch: list) -> None:
+        """Equal-length sequences go to the server together; others one by one (ServedTeacher.topk takes [B, L])."""
+        lengths = {len(tokens) for tokens, *_ in batch}
+        groups = [batch] if len(lengths) == 1 else [[sequence] for sequence in batch]
+        for group in groups:
+            tokens = np.stack([t for t, *_ in group])
+            indices, values, tail = self._timed("teacher", self.teacher.topk, tokens, group[0][2])
+            for row, (sequence, mask, _) in enumerate(group):
+                self._timed("write", functools.partial(self.writer.add, mask=mask), sequence, indices[row],
+                            values[row], tail[row])
 
     def _targets(self, logits: torch.Tensor, index: int):  # logits: [L, V]
         """Targets of one sequence, computed over chunks of rows (see _CHUNK_ELEMENTS)."""
@@ -431,13 +673,11 @@ class _CaptureLoop:
     def _timed(self, stage: str, fn, *args):
         began = time.perf_counter()
         out = fn(*args)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         self.seconds[stage] += time.perf_counter() - began
         return out
 
     def result(self) -> CaptureResult:
-        captured = self.writer.num_sequences - self.start
-        return CaptureResult(self.writer.directory, self.writer.num_sequences, captured,
-                             captured * self.tokens.shape[1], self.seconds["teacher"], self.seconds["targets"],
+        return CaptureResult(self.writer.directory, self.writer.num_sequences, self.writer.num_sequences - self.start,
+                             self.captured_tokens, self.seconds["teacher"], self.seconds["targets"],
                              self.seconds["write"])

@@ -1,40 +1,112 @@
 """The ``kdfast`` command line.
 
 Each subcommand is one ``add_<name>_command(subparsers)`` function that registers its parser and
-sets ``func`` (``args -> exit code``); ``COMMANDS`` lists them, so a new subcommand (train, bench,
-demo) is one function plus one entry. Heavy imports (torch, transformers) happen inside the
-command that needs them. Exit codes: 0 success, 1 damaged or incomplete data (ShardError),
-2 bad arguments or input (argparse, ValueError, unreadable files).
+sets ``func`` (``args -> exit code``); ``COMMANDS`` lists them, so a new subcommand is one function
+plus one entry. The ``run_<name>`` functions call the library (``kdfast.capture``, ``kdfast.shards``,
+``kdfast.train``, ``kdfast.bench``, ``kdfast.demo``, ``kdfast.evaluate``, ``kdfast.export``); no library
+module imports this one.
+
+Building the parser imports no torch (the train options come from the torch-free
+``kdfast.train.config``, the eval and export options from ``kdfast.evaluate`` / ``kdfast.export``, whose
+parser parts import no torch), so ``kdfast --help`` and ``kdfast verify --help`` answer at
+once; each command imports what it needs when it runs. The commands that compute (capture, train,
+bench, demo, eval, export) take ``--threads``: ``main`` sets PyTorch's intra-op threads before running them and
+prints the choice (``set_threads``). Exit codes: 0 success, 1 damaged or incomplete data
+(ShardError), 2 bad arguments or input (argparse, ValueError, unreadable files) or a non-finite
+training loss (FloatingPointError), 130 a capture
+interrupted by Ctrl-C (rerun the same command to resume).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import os
 import sys
+from pathlib import Path
 from typing import Callable
-
-from kdfast.shards.format import ShardError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 
+def threads_option() -> argparse.ArgumentParser:
+    """``--threads``, shared by the commands that compute with PyTorch (a parent parser)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--threads", type=int, metavar="N",
+                        help="PyTorch intra-op threads (default: OMP_NUM_THREADS if set, else the CPUs this "
+                             "process may use; on a busy machine fewer threads than CPUs can be faster)")
+    return parent
+
+
+def set_threads(requested: int | None, command: str) -> int:
+    """Set PyTorch's intra-op threads from ``--threads``, else OMP_NUM_THREADS, else the CPUs this
+    process may run on (its affinity mask, which a container or taskset narrows); print the choice."""
+    import torch
+
+    from kdfast.report import usable_cpus
+
+    if requested is not None:
+        threads, why = requested, "--threads"
+    elif os.environ.get("OMP_NUM_THREADS", "").strip():
+        threads, why = _integer(os.environ["OMP_NUM_THREADS"], "OMP_NUM_THREADS"), "OMP_NUM_THREADS"
+    else:
+        threads, why = usable_cpus(), "the CPUs this process may use"
+    if threads < 1:
+        raise ValueError(f"{why} must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per rank
+        print(f"kdfast {command}: {threads} PyTorch thread{'s' if threads > 1 else ''} ({why}; "
+              f"change with --threads or OMP_NUM_THREADS)", file=sys.stderr)
+    return threads
+
+
+def _integer(text: str, name: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {text!r}") from None
+
+
 def add_capture_command(subparsers) -> None:
     p = subparsers.add_parser("capture", help="run a teacher over token sequences and write shards",
+                              parents=[threads_option()],
                               description="Run a teacher once and store its top-k or sampled targets as shards. "
                                           "Rerun the same command after an interruption to finish.")
-    p.add_argument("--teacher", required=True,
-                   help="local Hugging Face model directory, or module:callable (input_ids [B, L] -> logits [B, L, V])")
+    teacher = p.add_mutually_exclusive_group(required=True)
+    teacher.add_argument("--teacher",
+                         help="local Hugging Face model directory, or module:callable (input_ids [B, L] -> logits "
+                              "[B, L, V])")
+    teacher.add_argument("--teacher-url",
+                         help="OpenAI-compatible completions server (vLLM), e.g. http://127.0.0.1:8000/v1: read its "
+                              "prompt log-probs (topk mode, temperature 1; --batch-size requests in flight)")
+    p.add_argument("--teacher-model", help="with --teacher-url: the served model's name (as its /v1/models lists it)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--tokens", help=".npy of token ids: [N, L], or a 1-D stream cut into --seq-len pieces")
     source.add_argument("--text", help="UTF-8 text, one document per line (needs --tokenizer and --seq-len)")
+    source.add_argument("--data", help="dataset file: .jsonl, .parquet or a datasets save_to_disk directory "
+                                       "(needs one of --text-field, --prompt-field/--response-field, "
+                                       "--messages-field, and --max-len; see docs/data.md)")
     p.add_argument("--tokenizer", help="tokenizer directory (required with --text; recorded in the manifest)")
     p.add_argument("--seq-len", type=int, help="sequence length for a 1-D token stream or text")
+    p.add_argument("--text-field", help="--data: plain-text field, every token learned, EOS appended")
+    p.add_argument("--prompt-field", help="--data: prompt field (not learned), with --response-field")
+    p.add_argument("--response-field", help="--data: response field (learned, with the EOS after it)")
+    p.add_argument("--messages-field", help="--data: list of {role, content} rendered with the tokenizer's chat "
+                                            "template; only assistant turns are learned")
+    p.add_argument("--max-len", type=int, help="--data: longest stored sequence in tokens")
+    p.add_argument("--truncate", action="store_true",
+                   help="--data: cut sequences longer than --max-len (text: keep only the first window)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="--data: skip and count bad records instead of stopping at the first one")
     p.add_argument("--out", required=True, help="output directory (created; resumed if interrupted)")
     p.add_argument("--k", type=int, default=64, help="slots per position (default 64)")
     p.add_argument("--temperature", type=float, default=1.0, help="capture temperature (default 1.0)")
-    p.add_argument("--mode", choices=("topk", "sampled"), default="topk")
+    p.add_argument("--mode", choices=("topk", "sampled"), default="topk",
+                   help="topk: the k most likely tokens' log-probs and the tail mass (default); sampled: "
+                        "--samples draws from the teacher, stored as empirical probabilities (RS-KD)")
     p.add_argument("--samples", type=int, help="samples per position in sampled mode (default: k)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="sequences per teacher forward pass (default 8; lower it if the teacher runs out of memory)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", help="teacher dtype: auto, float32, bfloat16, float16")
     p.add_argument("--shard-tokens", type=int, default=1 << 20, help="tokens per shard (default 1048576)")
@@ -48,18 +120,11 @@ def add_capture_command(subparsers) -> None:
 
 
 def run_capture(args) -> int:
-    from kdfast.capture import capture, load_token_file, tokenize_text
-
-    if args.text is not None:
-        if args.tokenizer is None or args.seq_len is None:
-            raise ValueError("--text needs --tokenizer and --seq-len")
-        tokens = tokenize_text(args.text, args.tokenizer, args.seq_len)
-    else:
-        tokens = load_token_file(args.tokens, args.seq_len)
-    result = capture(args.teacher, tokens, args.out, k=args.k, temperature=args.temperature, mode=args.mode,
-                     num_samples=args.samples, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                     shard_tokens=args.shard_tokens, value_dtype=args.values, index_encoding=args.indices,
-                     seed=args.seed, tokenizer=args.tokenizer, progress=not args.no_progress)
+    try:
+        result = _capture(args)
+    except KeyboardInterrupt:  # the shards written so far are complete: the writer resumes after them
+        print("\nkdfast capture: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     if result.captured_sequences == 0:
         print(f"{result.path}: already complete ({result.sequences} sequences)")
     else:
@@ -69,8 +134,70 @@ def run_capture(args) -> int:
     return 0
 
 
+def _capture(args):
+    from kdfast.capture import capture, load_token_file, tokenize_text
+
+    data_options = ("text_field", "prompt_field", "response_field", "messages_field", "max_len", "truncate",
+                    "skip_bad")
+    if args.data is None and any(getattr(args, name) not in (None, False) for name in data_options):
+        raise ValueError("--text-field, --prompt-field, --response-field, --messages-field, --max-len, --truncate "
+                         "and --skip-bad go with --data")
+    if args.data is not None:
+        tokens = _data_source(args)
+    elif args.text is not None:
+        if args.tokenizer is None or args.seq_len is None:
+            raise ValueError("--text needs --tokenizer and --seq-len")
+        tokens = tokenize_text(args.text, args.tokenizer, args.seq_len)
+    else:
+        tokens = load_token_file(args.tokens, args.seq_len)
+    result = capture(_teacher(args), tokens, args.out, k=args.k, temperature=args.temperature, mode=args.mode,
+                     num_samples=args.samples, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                     shard_tokens=args.shard_tokens, value_dtype=args.values, index_encoding=args.indices,
+                     seed=args.seed, tokenizer=args.tokenizer, progress=not args.no_progress)
+    if args.data is not None and result.captured_sequences:
+        c = tokens.counts
+        print(f"{args.data}: {c.records} records ({c.skipped} bad, skipped), {c.sequences} sequences, "
+              f"{c.tokens} tokens, {c.learned} learned")
+    return result
+
+
+def _data_source(args):
+    """--data PATH as a kdfast.sources.DataSource, tokenized with --tokenizer or the teacher's own."""
+    from transformers import AutoTokenizer
+
+    from kdfast.capture import _tokenizer_beside
+    from kdfast.sources import DataSource
+
+    if args.max_len is None:
+        raise ValueError("--data needs --max-len")
+    tokenizer_dir = args.tokenizer or (args.teacher and _tokenizer_beside(args.teacher))
+    if not tokenizer_dir:
+        raise ValueError("--data needs --tokenizer" if args.teacher is None else
+                         "--data needs --tokenizer (the teacher has no tokenizer files beside it)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--tokenizer {tokenizer_dir}: cannot load it ({e})") from None
+    return DataSource(args.data, tokenizer, max_len=args.max_len, text_field=args.text_field,
+                      prompt_field=args.prompt_field, response_field=args.response_field,
+                      messages_field=args.messages_field, truncate=args.truncate, skip_bad=args.skip_bad)
+
+
+def _teacher(args):
+    """--teacher as given, or the ServedTeacher that --teacher-url and --teacher-model name."""
+    if args.teacher_url is None:
+        if args.teacher_model is not None:
+            raise ValueError("--teacher-model goes with --teacher-url")
+        return args.teacher
+    if args.teacher_model is None:
+        raise ValueError("--teacher-url needs --teacher-model (a model name from the server's /v1/models)")
+    from kdfast.served import ServedTeacher
+
+    return ServedTeacher(args.teacher_url, args.teacher_model, k=args.k, concurrency=args.batch_size)
+
+
 def add_verify_command(subparsers) -> None:
-    p = subparsers.add_parser("verify", help="check every checksum of a shard dataset",
+    p = subparsers.add_parser("verify", help="check every byte of a shard dataset",
                               description="Check every byte of a shard dataset; exit code 1 on any damage.")
     p.add_argument("directory")
     p.add_argument("--vocab-size", type=int, help="fail unless the teacher vocabulary has this size")
@@ -112,16 +239,23 @@ def run_inspect(args) -> int:
     tokenizer = _load_tokenizer(args.tokenizer or (m.get("tokenizer") or {}).get("path"))
     rows = [
         ("teacher", m.get("teacher")), ("tokenizer", m.get("tokenizer")), ("vocab", m["vocab_size"]), ("k", m["k"]),
-        ("kind", m["kind"]), ("values", m["value_dtype"]),
+        ("format", f"version {shards.format_version}"), ("kind", m["kind"]), ("values", m["value_dtype"]),
         ("indices", f"{m['index_encoding']} ({m['index_bits']} bits)"),
         ("temperature", m["capture_temperature"]), ("capture", m.get("capture")), ("sequences", m["num_sequences"]),
-        ("tokens", m["num_tokens"]), ("shards", len(m["shards"])), ("bytes", shards.nbytes),
-        ("bytes/token", f"{shards.nbytes / m['num_tokens']:.1f}"),
+        ("tokens", shards.total_tokens), ("learned", shards.learned_tokens), ("shards", len(m["shards"])),
+        ("bytes", shards.nbytes), ("bytes/token", f"{shards.nbytes / shards.total_tokens:.1f}"),
     ]
     for name, value in rows:
-        print(f"{name:<12} {value}")
+        print(f"{name:<12} {_plain(value)}")
     _print_sample(shards, args.sequence, args.position, tokenizer)
     return 0
+
+
+def _plain(value) -> str:
+    """A manifest value as text: a dict (teacher, tokenizer, capture) as "key value" pairs, not Python syntax."""
+    if isinstance(value, dict):
+        return ", ".join(f"{key} {item}" for key, item in value.items() if item is not None)
+    return "none" if value is None else str(value)
 
 
 def _load_tokenizer(directory):
@@ -148,6 +282,9 @@ def _print_sample(shards, sequence: int, position: int, tokenizer) -> None:
     print(f"context      {tokenizer.decode(context)!r}" if tokenizer is not None else f"context ids  {context[-16:]}")
     if following is not None:
         print(f"next token   {int(following)} {show(following)}")
+    if not row.mask[position]:
+        print("targets      none: this position is not learned (masked out when the shards were written)")
+        return
     print(f"{'rank':>4} {'id':>8} {'value':>10} {'prob':>8}  token")
     for rank, (index, value) in enumerate(zip(row.indices[position], row.values[position]), 1):
         if index < 0:
@@ -159,42 +296,113 @@ def _print_sample(shards, sequence: int, position: int, tokenizer) -> None:
 
 
 def add_train_command(subparsers) -> None:
-    from kdfast.train import add_train_arguments, run_train
+    from kdfast.train.config import add_train_arguments  # torch-free: the TrainConfig fields
 
-    p = subparsers.add_parser("train", help="distill a student from teacher shards (one process or torchrun)",
+    p = subparsers.add_parser("train", help="distill a student from teacher shards (one process, DDP or FSDP2)",
+                              parents=[threads_option()],
                               description="Train a student on teacher shards; every TrainConfig key is an option "
                                           "(--key value) that overrides the TOML file. See docs/train.md.")
     add_train_arguments(p)
     p.set_defaults(func=run_train)
 
 
-def add_bench_command(subparsers) -> None:
-    from kdfast.bench import add_arguments, run
+def run_train(args) -> int:
+    from kdfast.train import run_train as train
 
+    return train(args)
+
+
+# kdfast.bench.IMPLS, repeated here so that building the parser does not import torch (a test checks they agree)
+BENCH_IMPLS = ("kdfast-cpu", "kdfast-triton", "torch-eager", "torch-compile", "liger")
+
+
+def add_bench_command(subparsers) -> None:
     p = subparsers.add_parser("bench", help="time the fused loss against the PyTorch reference (and Liger-Kernel)",
+                              parents=[threads_option()],
                               description="Benchmark kd_loss forward+backward for every available backend, "
                                           "torch eager and torch.compile; prints a table, writes JSON and a PNG.")
-    add_arguments(p)
-    p.set_defaults(func=run)
+    p.add_argument("--quick", action="store_true", help="small shapes and few repeats (CI smoke run)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench"), help="directory for bench.json and bench_vocab.png")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median reported)")
+    p.add_argument("--impl", action="append", choices=BENCH_IMPLS, default=None,
+                   help="implementation to run (repeatable); default: every one available here")
+    p.add_argument("--no-sweep", action="store_true", help="skip the vocabulary sweep (and the PNG)")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args) -> int:
+    from kdfast.bench import run_bench as bench
+
+    return bench(args.out, device=args.device, quick=args.quick, repeats=args.repeats, impls=args.impl,
+                 sweep=not args.no_sweep)
 
 
 def add_demo_command(subparsers) -> None:
-    from kdfast.demo import add_arguments, run
-
     p = subparsers.add_parser("demo", help="the whole job offline on CPU: tokenizer, teacher, capture, distill, report",
+                              parents=[threads_option()],
                               description="Train a tokenizer and a small teacher on the Python standard library, "
                                           "capture its top-k targets, distill a student and compare it with a "
                                           "hard-label baseline; writes report.md and curves.png.")
-    add_arguments(p)
-    p.set_defaults(func=run)
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="output directory (must be new or empty)")
+    p.add_argument("--quick", action="store_true", help="the CI-sized run (well under three minutes on 2 cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order and every initialization")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args) -> int:
+    from kdfast import demo
+
+    cfg = dataclasses.replace(demo.QUICK if args.quick else demo.FULL, seed=args.seed)
+    report = demo.run_demo(args.out, cfg, progress=not args.no_progress)
+    print(demo.summary_text(report, args.out / "report.md"))
+    return 0
+
+
+def add_eval_command(subparsers) -> None:
+    from kdfast.evaluate import add_eval_arguments
+
+    p = subparsers.add_parser("eval", help="compare students with their teacher: quality, agreement, calibration, "
+                                           "size, speed", parents=[threads_option()],
+                              description="Evaluate models on teacher shards; writes report.md, report.json, "
+                                          "reliability.png and quality_vs_size.png.")
+    add_eval_arguments(p)
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args) -> int:
+    from kdfast.evaluate import run_eval as evaluate
+
+    return evaluate(args)
+
+
+def add_export_command(subparsers) -> None:
+    from kdfast.export import add_export_arguments
+
+    p = subparsers.add_parser("export", help="write a Hugging Face directory (optionally int8 weights) with its card",
+                              parents=[threads_option()],
+                              description="Export a model as safetensors that from_pretrained loads, with the "
+                                          "fitted temperature and, with --quantize int8-weight, torchao int8 weights.")
+    add_export_arguments(p)
+    p.set_defaults(func=run_export)
+
+
+def run_export(args) -> int:
+    from kdfast.export import run_export as export
+
+    return export(args)
 
 
 COMMANDS: list[Callable] = [add_capture_command, add_verify_command, add_inspect_command, add_train_command,
-                            add_bench_command, add_demo_command]
+                            add_bench_command, add_demo_command, add_eval_command, add_export_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kdfast import __version__
+
     parser = argparse.ArgumentParser(prog="kdfast", description="Fast knowledge distillation for large vocabularies.")
+    parser.add_argument("--version", action="version", version=f"kdfast {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add_command in COMMANDS:
         add_command(subparsers)
@@ -204,11 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; returns its exit code (see the module docstring)."""
     args = build_parser().parse_args(argv)
+    from kdfast.shards.format import ShardError  # after parsing: --help imports no torch
+
     try:
+        if "threads" in args:
+            set_threads(args.threads, args.command)
         return args.func(args)
     except ShardError as e:
         print(f"kdfast {args.command}: {e}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # FloatingPointError: the trainer's non-finite loss
         print(f"kdfast {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -16,20 +16,24 @@ Stages (each timed; the report lists time and tokens/s per stage):
 3. teacher    A Llama-architecture model built from a ``LlamaConfig`` (tied embeddings: at this
               size the embedding is most of the parameters), trained with a plain PyTorch loop
               (AdamW, warm-up + cosine) on random windows of the whole train split.
-4. capture    ``kdfast capture``: the teacher's top-k log-probs (and tail mass) of the first
-              ``capture_sequences`` train sequences, and of the held-out sequences (for the
-              trainer's evaluation curve).
-5. distill    ``kdfast train`` from the shards: forward KL to the top-k targets with the
-              missing-mass bucket (``tail = true``, T = 1 = the capture temperature), plus a small
-              weight on the hard labels.
-6. baseline   ``kdfast train`` with ``soft_weight = 0, hard_weight = 1``: the same saved student
+4. capture    ``kdfast.capture.capture`` (what ``kdfast capture`` runs): the teacher's top-k
+              log-probs (and tail mass) of the first ``capture_sequences`` train sequences, and of
+              the held-out sequences (for the trainer's evaluation curve).
+5. distill    ``kdfast.train.Trainer`` (what ``kdfast train`` runs) from the shards: forward KL
+              to the top-k targets with the missing-mass bucket (``tail = true``, T = 1 = the
+              capture temperature), plus a small weight on the hard labels.
+6. baseline   the same trainer with ``soft_weight = 0, hard_weight = 1``: the same saved student
               initialization, the same sequences in the same order, the same steps, schedule and
               learning rate; only the two loss weights differ.
 7. report     Held-out cross-entropy / perplexity, top-1 accuracy, top-1 agreement with the
               teacher and expected calibration error (15 equal-width bins of the top-1
-              probability) for the three models; tokens/s and time per stage; shard bytes per
-              token. Written to ``report.md`` (+ ``report.json``) with ``curves.png``; the table is
-              printed.
+              probability) for the three models, from ``kdfast.evaluate.evaluate`` on the held-out
+              shards (what ``kdfast eval`` runs); tokens/s and time per stage; shard bytes per
+              token; the machine (``kdfast.report.describe_machine``). Written to ``report.md``
+              (+ ``report.json``) with ``curves.png``.
+
+Each student run's TrainConfig is also written as ``configs/<run>.toml``:
+``kdfast train --config configs/distill.toml --run-dir new-dir`` repeats the distilled run.
 
 ``--quick`` is the same pipeline at a size that CI runs (under a minute on two cores): 60 student
 steps of a 1.1 M student from a 2.5 M teacher, there to prove that every stage works rather than to
@@ -47,12 +51,8 @@ k = 64 beat 16 and 256 at this budget.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import dataclasses
 import hashlib
 import json
-import math
 import sysconfig
 import time
 from dataclasses import asdict, dataclass
@@ -61,13 +61,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdfast._table import markdown_table
+from kdfast.evaluate import count_parameters
+from kdfast.report import describe_machine, load_average, markdown_table, plot_comparison
 
-__all__ = ["DemoConfig", "FULL", "QUICK", "add_arguments", "run", "main", "run_demo"]
+__all__ = ["DemoConfig", "FULL", "QUICK", "run_demo", "summary_text"]
 
 EOS = "<|endoftext|>"
 _SKIPPED_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__", "encodings"}
-_ECE_BINS = 15
 
 
 @dataclass(frozen=True)
@@ -243,28 +243,19 @@ def new_model(size: ModelSize, vocab_size: int, seq_len: int, eos_id: int, seed:
     return LlamaForCausalLM(llama_config(size, vocab_size, seq_len, eos_id))
 
 
-def count_parameters(model) -> int:
-    """Unique parameters (tied embedding counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def warmup_cosine(step: int, total: int, warmup_fraction: float = 0.1, floor: float = 0.1) -> float:
-    """Learning-rate multiplier: linear warm-up, then cosine decay to ``floor``."""
-    warmup = max(1, int(total * warmup_fraction))
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def train_teacher(model, stream: np.ndarray, cfg: DemoConfig, progress: bool = True) -> list[dict]:
-    """Plain PyTorch next-token training on random windows of ``stream``; returns the loss log."""
+    """Plain PyTorch next-token training on random windows of ``stream`` (AdamW, the trainer's
+    warm-up + cosine schedule: 10% warm-up, cosine to 10%); returns the loss log."""
     from tqdm import tqdm
+
+    from kdfast.train import warmup_cosine
 
     generator = torch.Generator().manual_seed(cfg.seed)
     data = torch.from_numpy(stream.astype(np.int64))  # [T]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.teacher_lr, betas=(0.9, 0.95), weight_decay=0.1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg.teacher_steps))
+    warmup = max(1, cfg.teacher_steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
+        s, warmup=warmup, total=cfg.teacher_steps, floor=0.1))
     offsets = torch.arange(cfg.seq_len)
     log = []
     model.train()
@@ -289,7 +280,8 @@ def train_teacher(model, stream: np.ndarray, cfg: DemoConfig, progress: bool = T
 
 @dataclass
 class Scores:
-    """Held-out next-token metrics of one model (positions 0..L-2 of every held-out sequence)."""
+    """Held-out next-token metrics of one model (the learned positions 0..L-2 of every held-out
+    sequence), as ``kdfast.evaluate`` measures them against the held-out shards' teacher top-1."""
 
     ce: float
     perplexity: float
@@ -298,70 +290,31 @@ class Scores:
     ece: float
     tokens: int
     parameters: int
-    seconds: float
 
 
-@torch.inference_mode()
-def predictions(model, sequences: np.ndarray, batch: int = 16):
-    """Per position: (CE [P] float64, argmax [P] int64, confidence [P] float64) for P = N * (L - 1)."""
-    ces, tops, confs = [], [], []
-    for start in range(0, len(sequences), batch):
-        ids = torch.from_numpy(sequences[start : start + batch].astype(np.int64))  # [B, L]
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # [B, L-1, V]
-        logp = torch.log_softmax(logits, dim=-1)
-        ces.append(-logp.gather(-1, ids[:, 1:, None]).squeeze(-1).double().flatten())
-        conf, top = logp.max(dim=-1)
-        tops.append(top.flatten())
-        confs.append(conf.double().exp().flatten())
-    return torch.cat(ces), torch.cat(tops), torch.cat(confs)
+def evaluate_models(models: dict[str, Path], shards: Path) -> dict[str, Scores]:
+    """Scores of every model on the held-out shard directory ``shards`` (``kdfast.evaluate.evaluate``)."""
+    from kdfast.evaluate import evaluate
 
-
-def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = _ECE_BINS) -> float:
-    """Σ_b (n_b / n) · |accuracy_b − mean confidence_b| over equal-width bins of the confidence [P]."""
-    which = torch.clamp((confidence * bins).long(), max=bins - 1)  # [P]
-    hits = torch.bincount(which, weights=correct.double(), minlength=bins)  # [bins]
-    confidence_sums = torch.bincount(which, weights=confidence.double(), minlength=bins)  # [bins]
-    return float((hits - confidence_sums).abs().sum() / len(confidence))
-
-
-def score(model, sequences: np.ndarray, teacher_top: torch.Tensor | None) -> tuple[Scores, torch.Tensor]:
-    """Scores of ``model`` on ``sequences`` [N, L]; also returns its argmax (the teacher's is the reference)."""
-    began = time.perf_counter()
-    ce, top, conf = predictions(model, sequences)
-    labels = torch.from_numpy(sequences[:, 1:].astype(np.int64)).flatten()
-    correct = top == labels
-    agreement = 1.0 if teacher_top is None else float((top == teacher_top).double().mean())
-    mean_ce = float(ce.mean())
-    scores = Scores(
-        ce=mean_ce, perplexity=math.exp(mean_ce), accuracy=float(correct.double().mean()), agreement=agreement,
-        ece=expected_calibration_error(conf, correct), tokens=int(ce.numel()), parameters=count_parameters(model),
-        seconds=time.perf_counter() - began,
-    )
-    return scores, top
+    report = evaluate(models, shards, device="cpu", generate_tokens=0, progress=False)
+    scores = {}
+    for name, model in report["models"].items():
+        result = model["data"]["in-distribution"]
+        scores[name] = Scores(ce=result["ce"], perplexity=result["perplexity"], accuracy=result["accuracy"],
+                              agreement=result["agreement"], ece=result["ece"], tokens=result["tokens"],
+                              parameters=model["parameters"])
+    return scores
 
 
 # ----------------------------------------------------------------------------------------------
-# 4.-6. capture and training through the kdfast command line (in process)
+# 4.-6. the student runs' settings
 # ----------------------------------------------------------------------------------------------
 
 
-def kdfast_command(argv: list[str], log_path: Path) -> None:
-    """``kdfast <argv>`` in this process, its standard output appended to ``log_path`` (progress bars and
-    logging stay on stderr); a non-zero exit code becomes an exception naming the command and the log."""
-    from kdfast.cli import main as cli_main
-
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a") as log, contextlib.redirect_stdout(log):
-        print(f"$ kdfast {' '.join(argv)}", flush=True)
-        code = cli_main(argv)
-    if code != 0:
-        raise RuntimeError(f"kdfast demo: `kdfast {' '.join(argv)}` failed with exit code {code}; see {log_path}")
-
-
-def train_toml(cfg: DemoConfig, *, train_shards: Path, eval_shards: Path, student: Path, run_dir: Path,
-               hard_weight: float, soft_weight: float, progress: bool) -> str:
-    """The `kdfast train` config of one student run; distill and baseline differ only in the two weights."""
-    values = {
+def student_settings(cfg: DemoConfig, *, train_shards: Path, eval_shards: Path, student: Path, run_dir: Path,
+                     hard_weight: float, soft_weight: float, progress: bool) -> dict:
+    """TrainConfig keys of one student run; distill and baseline differ only in the two weights."""
+    return {
         "train_shards": str(train_shards), "eval_shards": str(eval_shards), "run_dir": str(run_dir),
         "student": str(student), "temperature": cfg.temperature, "tail": True,
         "hard_weight": hard_weight, "soft_weight": soft_weight,
@@ -370,6 +323,10 @@ def train_toml(cfg: DemoConfig, *, train_shards: Path, eval_shards: Path, studen
         "eval_every": max(1, cfg.student_steps // 5), "eval_sequences": cfg.eval_sequences,
         "log_every": max(1, cfg.student_steps // 50), "save_every": 0, "keep_checkpoints": 1, "progress": progress,
     }
+
+
+def to_toml(values: dict) -> str:
+    """Flat TOML (``kdfast train --config``) of string, bool and number values."""
     return "".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items())
 
 
@@ -411,23 +368,10 @@ def run_demo(out: Path, cfg: DemoConfig, progress: bool = True) -> dict:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} exists and is not an empty directory; choose a new one")
     out.mkdir(parents=True, exist_ok=True)
-    with _transformers_progress_bars(progress):
+    from kdfast.capture import transformers_progress_bars
+
+    with transformers_progress_bars(progress):
         return _Pipeline(out, cfg, progress).run()
-
-
-@contextlib.contextmanager
-def _transformers_progress_bars(enabled: bool):
-    """transformers' own bars (loading / writing weights) follow ``--no-progress`` too, then are restored."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if not enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 class _Pipeline:
@@ -444,7 +388,8 @@ class _Pipeline:
         }
 
     def run(self) -> dict:
-        load_before, began = _load_average(), time.perf_counter()
+        machine, began = describe_machine("cpu"), time.perf_counter()
+        print(f"[kdfast demo] {contention_note(machine)}", flush=True)
         corpus = self.clock.run("corpus", build_corpus, self.cfg.train_chars, self.cfg.heldout_chars,
                                 note=lambda c: f"{len(c.train_files)} + {len(c.heldout_files)} files, "
                                                f"{c.chars:,} characters")
@@ -456,7 +401,7 @@ class _Pipeline:
         summaries = self.train_students(tokenizer)
         models = {"teacher": self.paths["teacher"], "distilled student": self.out / "runs" / "distill" / "final",
                   "baseline student": self.out / "runs" / "baseline" / "final"}
-        scores = self.clock.run("evaluate", evaluate_models, models, heldout_sequences,
+        scores = self.clock.run("evaluate", evaluate_models, models, self.paths["heldout_shards"],
                                 tokens=lambda r: sum(s.tokens for s in r.values()),
                                 note=f"{len(heldout_sequences)} held-out sequences per model")
         report = {
@@ -466,9 +411,11 @@ class _Pipeline:
             "shards": shard_stats(self.paths["train_shards"], len(tokenizer)), "train_summaries": summaries,
             "distill_minus_baseline_ce": scores["distilled student"].ce - scores["baseline student"].ce,
             "total_seconds": time.perf_counter() - began,
-            "machine": _machine() | {"load_average_before": load_before, "load_average_after": _load_average()},
+            "machine": machine | {"load_average_after": load_average()},
         }
-        plot_curves(self.out / "curves.png", teacher_log, self.out / "runs", scores)
+        plot_comparison(self.out / "curves.png",
+                        {f"{name} student": self.out / "runs" / name / "metrics.jsonl" for name in ("distill", "baseline")},
+                        teacher_log=teacher_log, teacher_ce=scores["teacher"].ce)
         _write_json(self.out / "report.json", report)
         (self.out / "report.md").write_text(format_report(report))
         return report
@@ -501,18 +448,19 @@ class _Pipeline:
         return log
 
     def capture(self) -> int:
-        """`kdfast capture` of the train and the held-out sequences; returns the tokens captured."""
+        """Top-k targets of the train and the held-out sequences; returns the tokens captured."""
+        from kdfast.capture import capture, load_token_file
+
         tokens = 0
         for split in ("train", "heldout"):
-            argv = ["capture", "--teacher", str(self.paths["teacher"]), "--tokens", str(self.paths[f"{split}_tokens"]),
-                    "--tokenizer", str(self.paths["tokenizer"]), "--out", str(self.paths[f"{split}_shards"]),
-                    "--k", str(self.cfg.k), "--device", "cpu"] + ([] if self.progress else ["--no-progress"])
-            kdfast_command(argv, self.out / "logs" / "capture.log")
-            tokens += np.load(self.paths[f"{split}_tokens"], mmap_mode="r").size
+            result = capture(self.paths["teacher"], load_token_file(self.paths[f"{split}_tokens"]),
+                             self.paths[f"{split}_shards"], k=self.cfg.k, device="cpu",
+                             tokenizer=self.paths["tokenizer"], progress=self.progress)
+            tokens += result.captured_tokens
         return tokens
 
     def train_students(self, tokenizer) -> dict[str, dict]:
-        """One saved initialization, then `kdfast train` twice from it: distilled, then hard labels only."""
+        """One saved initialization, then two trainer runs from it: distilled, then hard labels only."""
         cfg = self.cfg
         student = new_model(cfg.student, len(tokenizer), cfg.seq_len, tokenizer.eos_token_id, cfg.seed + 1)
         student.save_pretrained(self.paths["student_init"])
@@ -525,28 +473,18 @@ class _Pipeline:
         return summaries
 
     def train_student(self, name: str, hard_weight: float, soft_weight: float) -> dict:
-        """One `kdfast train` run from a generated TOML file; returns its summary.json."""
-        run_dir = self.out / "runs" / name
+        """One Trainer run (its settings also saved as configs/<name>.toml); returns its summary."""
+        from kdfast.train import TrainConfig, Trainer
+
+        settings = student_settings(self.cfg, train_shards=self.paths["train_shards"],
+                                    eval_shards=self.paths["heldout_shards"], student=self.paths["student_init"],
+                                    run_dir=self.out / "runs" / name, hard_weight=hard_weight,
+                                    soft_weight=soft_weight, progress=self.progress)
         config = self.out / "configs" / f"{name}.toml"
         config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(train_toml(self.cfg, train_shards=self.paths["train_shards"],
-                                     eval_shards=self.paths["heldout_shards"], student=self.paths["student_init"],
-                                     run_dir=run_dir, hard_weight=hard_weight, soft_weight=soft_weight,
-                                     progress=self.progress))
-        kdfast_command(["train", "--config", str(config)], self.out / "logs" / f"{name}.log")
-        return json.loads((run_dir / "summary.json").read_text())
-
-
-def evaluate_models(models: dict[str, Path], sequences: np.ndarray) -> dict[str, Scores]:
-    """Scores of every model; the first one is the teacher whose argmax the others are compared with."""
-    from transformers import AutoModelForCausalLM
-
-    scores, teacher_top = {}, None
-    for name, path in models.items():
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
-        scores[name], top = score(model, sequences, teacher_top)
-        teacher_top = top if teacher_top is None else teacher_top
-    return scores
+        config.write_text(to_toml(settings))
+        with Trainer(TrainConfig(**settings)) as trainer:
+            return trainer.train()
 
 
 def shard_stats(directory: Path, vocab: int) -> dict:
@@ -558,21 +496,6 @@ def shard_stats(directory: Path, vocab: int) -> dict:
     return {"bytes": shards.nbytes, "tokens": tokens, "bytes_per_token": shards.nbytes / tokens,
             "dense_fp16_bytes_per_token": 2 * vocab, "k": shards.manifest["k"],
             "value_dtype": shards.manifest["value_dtype"], "index_encoding": shards.manifest["index_encoding"]}
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in __import__("os").getloadavg()]
-    except OSError:
-        return None
-
-
-def _machine() -> dict:
-    import os
-    import platform
-
-    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -592,9 +515,7 @@ def format_report(report: dict) -> str:
         (f"The distilled student {verdict} the hard-label baseline on held-out cross-entropy by {abs(delta):.4f} "
          f"nats/token (perplexity {distilled:.1f} vs {baseline:.1f})."), "",
         "## Stages", "", stages_table(report["stages"]), "",
-        (f"Total wall time: {report['total_seconds']:.1f} s. Machine: {machine['cpus']} CPUs, torch "
-         f"{machine['torch']} with {machine['torch_threads']} threads; load average (1, 5, 15 min) before "
-         f"{machine['load_average_before']}, after {machine['load_average_after']}."), "",
+        f"Total wall time: {report['total_seconds']:.1f} s. {machine_text(machine)}", "",
         "## Shards", "",
         (f"{shards['tokens']:,} training tokens in {shards['bytes']:,} bytes: **{shards['bytes_per_token']:.1f} "
          f"bytes/token** (top-{shards['k']}, {shards['value_dtype']} values, {shards['index_encoding']} indices, "
@@ -603,6 +524,26 @@ def format_report(report: dict) -> str:
         "## Settings", "", "```", json.dumps(cfg, indent=1), "```", "",
         "Curves: `curves.png`. Configs of the two student runs: `configs/*.toml`.", "",
     ])
+
+
+def contention_note(machine: dict) -> str:
+    """What the load average says about the times to expect (the 1-minute average, before the demo ran)."""
+    load, threads = machine["load_average"], machine["threads"]
+    if load is None:
+        return f"{threads} PyTorch threads; this system reports no load average"
+    if load[0] < 1:
+        return f"{threads} PyTorch threads; load average {load[0]:.1f}: no other work kept a CPU busy in the last minute"
+    return (f"{threads} PyTorch threads; load average {load[0]:.1f} on {machine['usable_cpus']} CPUs: other "
+            f"processes are running, so every stage will take longer than on an idle machine (--threads sets "
+            f"how many threads PyTorch uses)")
+
+
+def machine_text(machine: dict) -> str:
+    """The machine line of the report: results repeat exactly on one machine with one thread count only."""
+    versions = ", ".join(f"{name} {version}" for name, version in machine["versions"].items())
+    return (f"Machine: {machine['cpu']} ({machine['isa']}), {machine['usable_cpus']} of {machine['cpus']} CPUs "
+            f"usable, {machine['threads']} PyTorch threads; {versions}; {machine['platform']}. Load average "
+            f"(1, 5, 15 min) before {machine['load_average']}, after {machine['load_average_after']}.")
 
 
 def results_table(scores: dict) -> str:
@@ -619,67 +560,14 @@ def stages_table(stages: list[dict]) -> str:
     return markdown_table(header, rows)
 
 
-def plot_curves(path: Path, teacher_log: list[dict], runs: Path, scores: dict[str, Scores]) -> None:
-    """Left: training cross-entropy on the hard labels; right: held-out CE during the student runs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import EngFormatter
-
-    from kdfast.train import read_metrics
-
-    fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    window = max(1, len(teacher_log) // 50)
-    smoothed = np.convolve([r["loss"] for r in teacher_log], np.ones(window) / window, mode="valid")
-    train_ax.plot([r["tokens"] for r in teacher_log][window - 1:], smoothed, label="teacher")
-    for name in ("distill", "baseline"):
-        metrics = read_metrics(runs / name / "metrics.jsonl")
-        steps = [r for r in metrics if "ce" in r]
-        train_ax.plot([r["tokens"] for r in steps], [r["ce"] for r in steps], label=f"{name} student (hard CE)")
-        evals = [r for r in metrics if "eval_ce" in r]
-        eval_ax.plot([r["step"] for r in evals], [r["eval_ce"] for r in evals], marker="o", label=f"{name} student")
-    eval_ax.axhline(scores["teacher"].ce, color="gray", linestyle="--", label="teacher (final)")
-    train_ax.set(xlabel="training tokens", ylabel="cross-entropy (nats/token)", title="training loss on the hard labels")
-    train_ax.xaxis.set_major_formatter(EngFormatter())
-    eval_ax.set(xlabel="student step", ylabel="cross-entropy (nats/token)", title="held-out cross-entropy")
-    for ax in (train_ax, eval_ax):
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("demo-out"), help="output directory (must be new or empty)")
-    parser.add_argument("--quick", action="store_true", help="the CI-sized run (well under three minutes on 2 cores)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data order and every initialization")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = dataclasses.replace(QUICK if args.quick else FULL, seed=args.seed)
-    report = run_demo(args.out, cfg, progress=not args.no_progress)
-    print()
-    print(results_table(report["scores"]))
-    print()
-    print(stages_table(report["stages"]))
+def summary_text(report: dict, report_path: Path) -> str:
+    """What ``kdfast demo`` prints at the end: the two tables and the verdict."""
     delta = report["distill_minus_baseline_ce"]
-    print(f"\ndistilled - baseline held-out CE: {delta:+.4f} nats/token; total {report['total_seconds']:.0f} s; "
-          f"report: {args.out / 'report.md'}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kdfast demo", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return "\n".join([
+        "", results_table(report["scores"]), "", stages_table(report["stages"]), "",
+        f"distilled - baseline held-out CE: {delta:+.4f} nats/token; total {report['total_seconds']:.0f} s; "
+        f"report: {report_path}",
+    ])
 
 
 def _json_default(obj):
@@ -691,6 +579,3 @@ def _json_default(obj):
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

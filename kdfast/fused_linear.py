@@ -1,7 +1,7 @@
 """Chunked fused linear + distillation loss: ``kd_loss(hidden @ weight.T + bias)`` without [N, V] logits.
 
 Math. Rows r = 1..N, logits ``z_r = W h_r + b`` (W [V, H], b [V]), loss ``L = reduce_r l_r(z_r)``
-exactly as in design.md. With ``G = dL/dz`` [N, V] (row r: ``g_r * dl_r/dz_r``, divided by the "mean"
+exactly as in docs/loss.md. With ``G = dL/dz`` [N, V] (row r: ``g_r * dl_r/dz_r``, divided by the "mean"
 divisor; ``g`` is grad_output):
 
     dL/dh_r = G_r W              rows of G @ W
@@ -23,25 +23,31 @@ For "none", grad_output ``g`` is per row: dL/dh would still scale row by row, bu
 "none" the forward pass computes the losses only, and backward recomputes each chunk (one more
 ``h W^T`` matmul per chunk) and scales the rows of G by ``g_r`` before the two gradient matmuls.
 
-Precision. The logits are in the hidden/weight dtype (the matmul accumulates in fp32). Under
-``torch.autocast`` the student and teacher heads' operands are first cast to the autocast dtype, as
-``F.linear`` would be, and autocast is off inside the chunk loop; the backend
-computes the loss from fp32 copies. grad_weight and grad_bias are accumulated across chunks in fp32 when
-the weight is bf16/fp16 and cast once at the end: adding per-chunk partials in bf16 would round once per
-chunk. On devices whose addmm takes ``out_dtype`` (CUDA) the fp32 accumulation happens inside the GEMM;
-elsewhere the chunk's operands are upcast first.
+Precision. With float32 heads everything is float32. With bf16/fp16 heads, where the device has
+float32-output GEMMs for 16-bit operands (``fp32_gemm``: ``mm``/``addmm`` with ``out_dtype``, CUDA;
+``kdfast.api`` decides it once per device) the chunk logits are written in float32, so the loss never
+sees logits rounded to 16 bits; the chunk gradient is then rounded once to the head's dtype for the
+two gradient GEMMs (which accumulate in fp32). Measured for JSD (beta 0.5, N=128, H=64, V=4000, bf16,
+the float32 GEMM emulated on CPU): relative L1 error of d/hidden 1.0% with bf16 logits, 0.2% with
+float32 logits, which is the rounding of d/hidden itself to bf16.
+Without such GEMMs (CPU in torch 2.13) the logits are in the head's dtype, as ``F.linear`` gives them.
+Under ``torch.autocast`` the student and teacher heads' operands are first cast to the autocast dtype,
+as ``F.linear`` would be, and autocast is off inside the chunk loop; the backend computes the loss from
+fp32 copies. grad_weight and grad_bias are accumulated across chunks in fp32 when the weight is
+bf16/fp16 and cast once at the end: adding per-chunk partials in bf16 would round once per chunk. With
+``fp32_gemm`` the fp32 accumulation happens inside the GEMM; otherwise the chunk's operands are upcast.
 
 Chunk size. ``chunk_size=None`` picks the fewest chunks whose logits buffer stays within
 ``CHUNK_BYTES`` (256 MiB: 523 rows at V=128256 in fp32, 1046 in bf16), then balances the rows across
-them. The backend adds little to that: the C++ and Triton kernels work in place, while the "torch"
-backend, which computes the chunk gradient with autograd, holds a few fp32 chunk-sized temporaries.
+them (float32 logits of a 16-bit head add a half-size 16-bit copy of the chunk gradient). The backend
+adds little to that: the C++ and Triton kernels work in place, while the "torch" backend, which
+computes the chunk gradient with autograd, holds a few fp32 chunk-sized temporaries.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -50,7 +56,8 @@ CHUNK_BYTES = 256 * 2**20
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 # (logits [c, V], labels [c] | None, teacher_logits [c, V] | None, teacher_indices [c, k] | None,
-#  teacher_values [c, k] | None, compute_grad) -> (loss, ce_rows [c], div_rows [c], grad [c, V] | None);
+#  teacher_values [c, k] | None, teacher_tail [c] | None, compute_grad)
+#  -> (loss, ce_rows [c], div_rows [c], grad [c, V] | None);
 # the gradient is for grad_output = 1 (per row for "none") and may be the logits buffer itself.
 ChunkLoss = Callable[..., tuple]
 
@@ -62,17 +69,23 @@ class ChunkTeacher:
     logits: torch.Tensor | None = None  # [N, V] dense teacher logits
     indices: torch.Tensor | None = None  # [N, k] sparse teacher
     values: torch.Tensor | None = None  # [N, k]
+    tail: torch.Tensor | None = None  # [N] log of the teacher's mass outside the slots
     hidden: torch.Tensor | None = None  # [N, Ht] online teacher: logits = hidden @ weight.T + bias
     weight: torch.Tensor | None = None  # [V, Ht]
     bias: torch.Tensor | None = None  # [V]
 
     def rows(self, start: int, end: int, buffer: torch.Tensor | None):
-        """(teacher_logits, teacher_indices, teacher_values) of rows [start, end)."""
+        """(teacher_logits, teacher_indices, teacher_values, teacher_tail) of rows [start, end)."""
         if self.hidden is not None:
-            return _linear_into(buffer[: end - start], self.hidden[start:end], self.weight, self.bias), None, None
+            return _linear_into(buffer[: end - start], self.hidden[start:end], self.weight, self.bias), None, None, None
         if self.logits is not None:
-            return self.logits[start:end], None, None
-        return None, self.indices[start:end], self.values[start:end]
+            return self.logits[start:end], None, None, None
+        tail = None if self.tail is None else self.tail[start:end]
+        return None, self.indices[start:end], self.values[start:end], tail
+
+    def tensors(self) -> tuple:
+        """Every field, in order (None included): what backward must find unmodified."""
+        return tuple(getattr(self, field.name) for field in fields(self))
 
 
 def autocast_operands(device_type: str, *tensors):
@@ -87,6 +100,11 @@ def autocast_operands(device_type: str, *tensors):
     )
 
 
+def logits_dtype(dtype: torch.dtype, fp32_gemm: bool) -> torch.dtype:
+    """dtype of the chunk logits of a head in ``dtype``: float32 for 16-bit heads when ``fp32_gemm``."""
+    return torch.float32 if fp32_gemm and dtype in _LOW_PRECISION else dtype
+
+
 def default_chunk_rows(rows: int, vocab: int, dtype: torch.dtype) -> int:
     """Rows per chunk for ``chunk_size=None``: the fewest chunks within CHUNK_BYTES, rows balanced."""
     max_rows = max(1, CHUNK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size()))
@@ -95,39 +113,31 @@ def default_chunk_rows(rows: int, vocab: int, dtype: torch.dtype) -> int:
 
 
 def _linear_into(
-    out: torch.Tensor,  # [c, V]
+    out: torch.Tensor,  # [c, V] the operands' dtype, or float32 (fp32_gemm)
     hidden: torch.Tensor,  # [c, H]
     weight: torch.Tensor,  # [V, H]
     bias: torch.Tensor | None,  # [V]
 ) -> torch.Tensor:
+    if out.dtype != hidden.dtype:  # float32 logits from 16-bit operands
+        torch.mm(hidden, weight.T, out_dtype=out.dtype, out=out)
+        return out if bias is None else out.add_(bias)
     if bias is None:
         return torch.mm(hidden, weight.T, out=out)
     return torch.addmm(bias, hidden, weight.T, out=out)
 
 
-@functools.cache
-def _addmm_accumulates_in_fp32(device_type: str) -> bool:
-    """Whether ``addmm(out_dtype=float32)`` on 16-bit operands runs on this device type (CUDA does)."""
-    acc = torch.zeros(1, 1, device=device_type)
-    one = torch.ones(1, 1, dtype=torch.bfloat16, device=device_type)
-    try:
-        torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
-    except (NotImplementedError, RuntimeError, TypeError):
-        return False
-    return bool(acc.item() == 1.0)
-
-
 def _accumulate_weight_grad(
     acc: torch.Tensor,  # [V, H], weight dtype or fp32
-    grad: torch.Tensor,  # [c, V]
+    grad: torch.Tensor,  # [c, V] weight dtype
     hidden: torch.Tensor,  # [c, H]
     first: bool,
+    fp32_gemm: bool,
 ) -> None:
     """acc += grad.T @ hidden; the first chunk overwrites (beta=0), so acc needs no zero-filling pass."""
     beta = 0 if first else 1
     if acc.dtype == grad.dtype:
         acc.addmm_(grad.T, hidden, beta=beta)
-    elif _addmm_accumulates_in_fp32(acc.device.type):
+    elif fp32_gemm:
         torch.addmm(acc, grad.T, hidden, out_dtype=torch.float32, beta=beta, out=acc)
     else:
         acc.addmm_(grad.T.float(), hidden.float(), beta=beta)
@@ -152,18 +162,21 @@ def _chunked_pass(
     bias: torch.Tensor | None,  # [V]
     labels: torch.Tensor | None,  # [N]
     teacher: ChunkTeacher,
-    chunk_rows: int,
-    chunk_loss: ChunkLoss,
+    plan: _Plan,
     needs: tuple[bool, bool, bool],
     row_scale: torch.Tensor | None = None,  # [N] per-row grad_output of reduction="none"
 ):
     """One sweep over the row chunks: (chunk losses, ce_rows [N], div_rows [N], _Grads)."""
     n, vocab = hidden.shape[0], weight.shape[0]
+    chunk_rows, chunk_loss = plan.chunk_rows, plan.chunk_loss
     need_hidden, need_weight, need_bias = needs
     compute_grad = any(needs)
     size = min(chunk_rows, n)
-    logits_buffer = hidden.new_empty(size, vocab)
-    teacher_buffer = None if teacher.hidden is None else teacher.hidden.new_empty(size, vocab)
+    logits_buffer = hidden.new_empty(size, vocab, dtype=logits_dtype(hidden.dtype, plan.fp32_gemm))
+    teacher_buffer = None
+    if teacher.hidden is not None:
+        teacher_dtype = logits_dtype(teacher.hidden.dtype, plan.fp32_gemm)
+        teacher_buffer = teacher.hidden.new_empty(size, vocab, dtype=teacher_dtype)
     accumulate_fp32 = weight.dtype in _LOW_PRECISION and n > chunk_rows
     weight_grad_dtype = torch.float32 if accumulate_fp32 else weight.dtype
     grads = _Grads(
@@ -187,12 +200,13 @@ def _chunked_pass(
             continue
         if row_scale is not None:
             grad.mul_(row_scale[start:end, None])
+        if need_bias:
+            grads.bias.add_(grad.sum(0, dtype=torch.float32))
+        grad = grad.to(weight.dtype)  # float32 logits of a 16-bit head: one rounding for the GEMMs
         if need_hidden:
             torch.mm(grad, weight, out=grads.hidden[start:end])
         if need_weight:
-            _accumulate_weight_grad(grads.weight, grad, h, first=start == 0)
-        if need_bias:
-            grads.bias.add_(grad.sum(0, dtype=torch.float32))
+            _accumulate_weight_grad(grads.weight, grad, h, start == 0, plan.fp32_gemm)
     return losses, _cat_rows(ce_rows, hidden), _cat_rows(div_rows, hidden), grads.finish(weight, bias)
 
 
@@ -224,6 +238,7 @@ class _Plan:
     chunk_rows: int
     chunk_loss: ChunkLoss
     reduction: str
+    fp32_gemm: bool  # the device has float32-output GEMMs for 16-bit operands
 
 
 class FusedLinearKDFunction(torch.autograd.Function):
@@ -235,20 +250,14 @@ class FusedLinearKDFunction(torch.autograd.Function):
         recompute = plan.reduction == "none"
         with _no_autocast(hidden):
             losses, ce_rows, div_rows, grads = _chunked_pass(
-                hidden,
-                weight,
-                bias,
-                labels,
-                teacher,
-                plan.chunk_rows,
-                plan.chunk_loss,
-                (False,) * 3 if recompute else needs,
+                hidden, weight, bias, labels, teacher, plan, (False,) * 3 if recompute else needs
             )
         ctx.mark_non_differentiable(ce_rows, div_rows)
         ctx.plan, ctx.needs = plan, needs
         if recompute:
-            ctx.save_for_backward(hidden, weight, bias, labels)
-            ctx.teacher = teacher
+            # Saved (not held by reference): a teacher modified in place before backward raises, as
+            # autograd does for any saved tensor, instead of giving a silently different gradient.
+            ctx.save_for_backward(hidden, weight, bias, labels, *teacher.tensors())
         else:
             ctx.grads = grads
         return _total(losses, plan.reduction, hidden), ce_rows, div_rows
@@ -278,11 +287,10 @@ def _scale_stored_grads(ctx, grad_loss: torch.Tensor) -> _Grads:
 
 
 def _recompute_grads(ctx, grad_loss: torch.Tensor) -> _Grads:
-    hidden, weight, bias, labels = ctx.saved_tensors
-    plan = ctx.plan
+    hidden, weight, bias, labels, *teacher = ctx.saved_tensors
     with _no_autocast(hidden):
         *_, grads = _chunked_pass(
-            hidden, weight, bias, labels, ctx.teacher, plan.chunk_rows, plan.chunk_loss, ctx.needs, row_scale=grad_loss
+            hidden, weight, bias, labels, ChunkTeacher(*teacher), ctx.plan, ctx.needs, row_scale=grad_loss
         )
     return grads
 
@@ -291,13 +299,18 @@ def fused_linear_kd(
     hidden: torch.Tensor,  # [N, H]
     weight: torch.Tensor,  # [V, H]
     bias: torch.Tensor | None,  # [V]
-    labels: torch.Tensor | None,  # [N] int64, contiguous
+    labels: torch.Tensor | None,  # [N] int64
     teacher: ChunkTeacher,
     chunk_size: int | None,
     reduction: str,
     chunk_loss: ChunkLoss,
+    fp32_gemm: bool,
 ):
-    """(loss, ce_rows [N], div_rows [N]) on validated, flattened inputs; called by ``kdfast.api`` only."""
-    chunk_rows = chunk_size or default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.dtype)
-    plan = _Plan(chunk_rows=chunk_rows, chunk_loss=chunk_loss, reduction=reduction)
+    """(loss, ce_rows [N], div_rows [N]) on validated, flattened inputs; called by ``kdfast.api`` only.
+
+    ``fp32_gemm``: the device's GEMMs can write float32 from 16-bit operands (``kdfast.api`` probes it).
+    """
+    dtype = logits_dtype(hidden.dtype, fp32_gemm)
+    chunk_rows = chunk_size or default_chunk_rows(hidden.shape[0], weight.shape[0], dtype)
+    plan = _Plan(chunk_rows=chunk_rows, chunk_loss=chunk_loss, reduction=reduction, fp32_gemm=fp32_gemm)
     return FusedLinearKDFunction.apply(hidden, weight, bias, labels, teacher, plan)

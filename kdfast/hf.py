@@ -9,7 +9,7 @@ Parameter is used) and hand both to the fused loss.
 Alignment (next-token prediction, as transformers' own loss does): position i predicts token i+1, so
 the student uses ``hidden[:, :-1]`` against ``labels[:, 1:]``. Teacher targets are given for all L
 positions, aligned with the student's logits: ``teacher_logits[:, i]`` (or the sparse
-``teacher_indices/values[:, i]``) is the teacher's prediction of token i+1, i.e. exactly what
+``teacher_indices/values/tail[:, i]``) is the teacher's prediction of token i+1, i.e. exactly what
 ``teacher(input_ids).logits`` or a capture of it holds; the helper slices ``[:, :-1]`` itself.
 Labels default to ``input_ids`` with ``ignore_index`` wherever ``attention_mask`` is 0; labels given
 explicitly are used as is (unshifted, HF convention).
@@ -108,6 +108,7 @@ def causal_lm_kd_loss(
     teacher_logits: torch.Tensor | None = None,  # [B, L, V]
     teacher_indices: torch.Tensor | None = None,  # [B, L, k]
     teacher_values: torch.Tensor | None = None,  # [B, L, k]
+    teacher_tail: torch.Tensor | None = None,  # [B, L]
     teacher_model=None,
     model_kwargs: dict | None = None,
     **loss_options,
@@ -117,7 +118,8 @@ def causal_lm_kd_loss(
     Equal to ``kd_loss(model(input_ids).logits[:, :-1], shift_labels(...), teacher_logits=t[:, :-1], ...)``
     with the same gradients, but through ``fused_linear_kd_loss``. The teacher is one of dense
     ``teacher_logits``, sparse ``teacher_indices`` + ``teacher_values`` (all [B, L, ...], aligned as in
-    the module docstring) or ``teacher_model``, a causal LM with the same vocabulary run on the same
+    the module docstring; with ``teacher_kind="logprobs", tail=True`` also ``teacher_tail`` [B, L], the
+    captured log of the teacher's mass outside the slots) or ``teacher_model``, a causal LM with the same vocabulary run on the same
     inputs under no_grad (put it in eval mode yourself). ``model_kwargs`` go to both models'
     decoders (e.g. ``position_ids``); ``loss_options`` to ``fused_linear_kd_loss`` (``temperature``,
     ``hard_weight``, ``chunk_size``, ``return_components``, ...).
@@ -126,17 +128,29 @@ def causal_lm_kd_loss(
     ignore_index = loss_options.get("ignore_index", -100)
     targets = shift_labels(input_ids, attention_mask, labels, ignore_index)
     teacher = _teacher_targets(
-        input_ids, attention_mask, teacher_logits, teacher_indices, teacher_values, teacher_model, model_kwargs
+        input_ids,
+        attention_mask,
+        teacher_logits,
+        teacher_indices,
+        teacher_values,
+        teacher_tail,
+        teacher_model,
+        model_kwargs,
     )
     hidden, weight, bias = hidden_and_head(model, input_ids, attention_mask, **model_kwargs)
     return fused_linear_kd_loss(hidden[:, :-1], weight, targets, bias=bias, **teacher, **loss_options)
 
 
 def _teacher_targets(
-    input_ids, attention_mask, teacher_logits, teacher_indices, teacher_values, teacher_model, model_kwargs
+    input_ids, attention_mask, teacher_logits, teacher_indices, teacher_values, teacher_tail, teacher_model, model_kwargs
 ) -> dict:
     """The teacher arguments of fused_linear_kd_loss, sliced to positions 0..L-2."""
-    given = {"teacher_logits": teacher_logits, "teacher_indices": teacher_indices, "teacher_values": teacher_values}
+    given = {
+        "teacher_logits": teacher_logits,
+        "teacher_indices": teacher_indices,
+        "teacher_values": teacher_values,
+        "teacher_tail": teacher_tail,
+    }
     if teacher_model is not None:
         if any(t is not None for t in given.values()):
             raise ValueError(
@@ -147,9 +161,10 @@ def _teacher_targets(
         return {"teacher_hidden": hidden[:, :-1], "teacher_weight": weight, "teacher_bias": bias}
     batch, length = input_ids.shape
     for name, tensor in given.items():
-        if tensor is not None and (tensor.dim() != 3 or tuple(tensor.shape[:2]) != (batch, length)):
+        dims = 2 if name == "teacher_tail" else 3
+        if tensor is not None and (tensor.dim() != dims or tuple(tensor.shape[:2]) != (batch, length)):
+            shape = f"[{batch}, {length}]" if dims == 2 else f"[B, L, ...] = [{batch}, {length}, ...]"
             raise ValueError(
-                f"{name} must be [B, L, ...] = [{batch}, {length}, ...] like input_ids (position i predicts token i+1), "
-                f"got {tuple(tensor.shape)}"
+                f"{name} must be {shape} like input_ids (position i predicts token i+1), got {tuple(tensor.shape)}"
             )
     return {name: tensor[:, :-1] for name, tensor in given.items() if tensor is not None}

@@ -1,8 +1,9 @@
-"""Plain-PyTorch reference of every kdfast op: the contract of design.md, written for clarity.
+"""Plain-PyTorch reference of every kdfast op: the contract of docs/loss.md, written for clarity.
 
 It runs in any floating dtype. Low-precision inputs are upcast to float32 (float64 stays float64),
-so the reference is both the ``"torch"`` backend and, run in float64, the oracle of every test and
-benchmark. Gradients come from autograd: nothing here is hand-derived, which is the point.
+so the reference is both the ``"torch"`` backend (``kdfast/ops/torch/kd_loss.py`` adapts it to the
+backend contract) and, run in float64, the oracle of every test and benchmark. Gradients come from
+autograd: nothing here is hand-derived, which is the point.
 
 Notation (per row r, vocabulary V, temperature T):
     q = softmax(z / T)                       student, full vocabulary
@@ -10,7 +11,10 @@ Notation (per row r, vocabulary V, temperature T):
     CE_r = logsumexp(z) - z_y                untempered hard loss
     D_r  = divergence(p, q)                  forward_kl | reverse_kl | jsd(beta)
     l_r  = hard_weight * CE_r + soft_weight * s * D_r,   s = T**2 if scale_t2 else 1
-Rows whose label is ``ignore_index`` contribute nothing.
+Rows whose label is ``ignore_index`` contribute nothing. Tail bucket (sparse "logprobs", tail=True):
+the teacher's mass outside the slots, ``exp(teacher_tail)`` or ``1 - sum_I p``, is matched against the
+student's, ``q_rest = sum over the non-slot entries of q`` (summed directly, floored at FLT_MIN). Bad
+rows (``bad_rows``: non-finite teacher values, duplicate indices) get NaN CE and D and a zero gradient.
 """
 from __future__ import annotations
 
@@ -55,10 +59,31 @@ def _dense_divergence(
     return beta * _xlogy_diff(p, log_p, log_m).sum(-1) + (1 - beta) * _xlogy_diff(q, log_q, log_m).sum(-1)
 
 
+# Floor of the student's mass outside the slots, as in the kernels: float32's smallest normal.
+FLT_MIN = torch.finfo(torch.float32).tiny
+
+
+def _log_rest(
+    log_q: torch.Tensor,  # [N, V]
+    indices: torch.Tensor,  # [N, k], -1 = empty slot
+) -> torch.Tensor:  # [N]
+    """log of the student's mass outside the valid slots, summed directly (no 1 - sum cancellation),
+    floored at log(FLT_MIN) (a row whose slots cover the whole vocabulary gets the floor)."""
+    n, vocab = log_q.shape
+    columns = torch.where(indices >= 0, indices, vocab).long()  # empty slots go to a spare column
+    in_slots = torch.zeros(n, vocab + 1, dtype=torch.bool, device=log_q.device).scatter_(1, columns, True)[:, :vocab]
+    covered = in_slots.all(-1, keepdim=True)  # [N, 1]
+    # Rows with nothing outside the slots sum zeros instead of -inf: logsumexp's gradient stays finite.
+    rest = torch.where(covered, torch.zeros_like(log_q), log_q.masked_fill(in_slots, -math.inf))
+    log_rest = torch.logsumexp(rest, dim=-1).clamp(min=math.log(FLT_MIN))
+    return torch.where(covered.squeeze(1), torch.full_like(log_rest, math.log(FLT_MIN)), log_rest)
+
+
 def _sparse_divergence(
     log_q: torch.Tensor,  # [N, V]
     indices: torch.Tensor,  # [N, k], -1 = empty slot
     values: torch.Tensor,  # [N, k]
+    tail_log_mass: torch.Tensor | None,  # [N] log of the teacher's mass outside the slots, or None
     teacher_kind: str,
     tail: bool,
     temperature: float,
@@ -70,18 +95,42 @@ def _sparse_divergence(
         p = torch.where(valid, values, torch.zeros_like(values))
         return _xlogy_diff(p, p.log(), log_q_slots).sum(-1)
     if teacher_kind == "logprobs" and tail:
-        p = torch.where(valid, values.exp(), torch.zeros_like(values))
-        slot_div = _xlogy_diff(p, p.log(), log_q_slots).sum(-1)
-        p_rest = (1 - p.sum(-1)).clamp(min=0)
-        q_slots = torch.where(valid, log_q_slots.exp(), torch.zeros_like(values))
-        log_q_rest = torch.log((1 - q_slots.sum(-1)).clamp(min=torch.finfo(log_q.dtype).tiny))
-        return slot_div + _xlogy_diff(p_rest, p_rest.log(), log_q_rest)
+        log_p = torch.where(valid, values, torch.full_like(values, -math.inf))
+        slot_div = _xlogy_diff(log_p.exp(), log_p, log_q_slots).sum(-1)
+        if tail_log_mass is None:
+            tail_log_mass = (1 - log_p.exp().sum(-1)).clamp(min=0).log()
+        tail_log_mass = tail_log_mass.to(log_q.dtype)
+        return slot_div + _xlogy_diff(tail_log_mass.exp(), tail_log_mass, _log_rest(log_q, indices))
     # "logits", and "logprobs" without the tail bucket: renormalized softmax over the valid slots.
     scaled = torch.where(valid, values / temperature, torch.full_like(values, -math.inf))
     any_valid = valid.any(-1, keepdim=True)
     log_p = torch.log_softmax(torch.where(any_valid, scaled, torch.zeros_like(scaled)), dim=-1)
     p = torch.where(valid, log_p.exp(), torch.zeros_like(values))
     return _xlogy_diff(p, log_p, log_q_slots).sum(-1)
+
+
+def bad_rows(
+    teacher_logits: torch.Tensor | None,  # [N, V]
+    teacher_indices: torch.Tensor | None,  # [N, k]
+    teacher_values: torch.Tensor | None,  # [N, k]
+    teacher_tail: torch.Tensor | None,  # [N]
+    teacher_kind: str,
+) -> torch.Tensor:  # [N] bool
+    """Rows the contract makes NaN: a NaN or +inf teacher value (-inf too for "probs"; -inf means zero
+    mass elsewhere), a NaN or +inf teacher_tail, or a valid index twice in one row."""
+    if teacher_logits is not None:
+        return (torch.isnan(teacher_logits) | (teacher_logits == math.inf)).any(-1)
+    valid = teacher_indices >= 0
+    finite_enough = torch.isfinite(teacher_values) if teacher_kind == "probs" else ~(
+        torch.isnan(teacher_values) | (teacher_values == math.inf)
+    )
+    bad = (valid & ~finite_enough).any(-1)
+    if teacher_indices.shape[-1] > 1:
+        ordered = teacher_indices.sort(dim=-1).values
+        bad |= ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(-1)
+    if teacher_tail is not None:
+        bad |= torch.isnan(teacher_tail) | (teacher_tail == math.inf)
+    return bad
 
 
 def kd_loss_rows(
@@ -91,6 +140,7 @@ def kd_loss_rows(
     teacher_logits: torch.Tensor | None = None,  # [N, V]
     teacher_indices: torch.Tensor | None = None,  # [N, k]
     teacher_values: torch.Tensor | None = None,  # [N, k]
+    teacher_tail: torch.Tensor | None = None,  # [N]
     teacher_kind: str = "logits",
     tail: bool = False,
     temperature: float = 1.0,
@@ -98,7 +148,17 @@ def kd_loss_rows(
     beta: float = 0.5,
     ignore_index: int = -100,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row (CE_r, D_r, active_r) on 2-D inputs; inactive rows hold 0 in CE and D."""
+    """Per-row (CE_r, D_r, active_r) on 2-D inputs; inactive rows hold 0 in CE and D, bad rows
+    (``bad_rows``) NaN in both, with a zero gradient."""
+    bad = bad_rows(teacher_logits, teacher_indices, teacher_values, teacher_tail, teacher_kind)
+    # Bad rows are computed on a harmless teacher (no slots, zero logits) so that no NaN reaches the gradient.
+    if teacher_logits is not None:
+        teacher_logits = teacher_logits.masked_fill(bad[:, None], 0.0)
+    else:
+        teacher_indices = teacher_indices.masked_fill(bad[:, None], -1)
+        teacher_values = teacher_values.masked_fill(bad[:, None], 0.0)
+        if teacher_tail is not None:
+            teacher_tail = teacher_tail.masked_fill(bad, -math.inf)
     dtype = _compute_dtype(student_logits)
     z = student_logits.to(dtype)
     n = z.shape[0]
@@ -114,9 +174,11 @@ def kd_loss_rows(
         log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
         div = _dense_divergence(log_q, log_p, divergence, beta)
     else:
-        div = _sparse_divergence(log_q, teacher_indices, teacher_values, teacher_kind, tail, temperature)
+        div = _sparse_divergence(log_q, teacher_indices, teacher_values, teacher_tail, teacher_kind, tail, temperature)
     zero = torch.zeros((), dtype=dtype, device=z.device)
-    return torch.where(active, ce, zero), torch.where(active, div, zero), active
+    nan = torch.full((), math.nan, dtype=dtype, device=z.device)
+    mark = lambda x: torch.where(active, torch.where(bad, nan, x), zero)  # noqa: E731
+    return mark(ce), mark(div), active
 
 
 def kd_loss(
@@ -126,6 +188,7 @@ def kd_loss(
     teacher_logits: torch.Tensor | None = None,  # [..., V]
     teacher_indices: torch.Tensor | None = None,  # [..., k]
     teacher_values: torch.Tensor | None = None,  # [..., k]
+    teacher_tail: torch.Tensor | None = None,  # [...]
     teacher_kind: str = "logits",
     tail: bool = False,
     temperature: float = 1.0,
@@ -139,7 +202,7 @@ def kd_loss(
     scale_t2: bool = True,
     return_components: bool = False,
 ):
-    """The loss contract of design.md in plain PyTorch; see ``kdfast.kd_loss`` for the arguments.
+    """The loss contract of docs/loss.md in plain PyTorch; see ``kdfast.kd_loss`` for the arguments.
 
     No input validation happens here (``kdfast.kd_loss`` does it); leading dimensions are flattened.
     """
@@ -152,6 +215,7 @@ def kd_loss(
         teacher_logits=flat(teacher_logits, vocab),
         teacher_indices=None if teacher_indices is None else teacher_indices.reshape(-1, teacher_indices.shape[-1]),
         teacher_values=None if teacher_values is None else teacher_values.reshape(-1, teacher_values.shape[-1]),
+        teacher_tail=None if teacher_tail is None else teacher_tail.reshape(-1),
         teacher_kind=teacher_kind,
         tail=tail,
         temperature=temperature,

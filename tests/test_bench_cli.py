@@ -67,3 +67,10 @@ def test_bench_shapes_module_is_a_reexport_of_the_package_grid():
     assert module.kd_loss_bytes is _shapes.kd_loss_bytes
     shape = _shapes.LossShape(4, 10, _shapes.torch.float32, "topk", k=3)
     assert _shapes.kd_loss_bytes(shape) == 2 * 4 * 10 * 4 + 4 * 3 * (8 + 4)
+
+
+def test_unknown_implementation_is_refused(tmp_path):
+    from kdfast.bench import run_bench
+
+    with pytest.raises(ValueError, match=r"impls: \['torch-jit'\] not among"):
+        run_bench(tmp_path, device="cpu", quick=True, impls=["torch-eager", "torch-jit"])

@@ -151,13 +151,19 @@ def test_output_directory_of_a_different_capture(tmp_path):
     (["--tokens", "tokens.npy", "--temperature", "0"], "temperature must be > 0"),
     (["--tokens", "tokens.npy", "--teacher", "no_such_module:fn"], "cannot import it"),
     (["--tokens", "tokens.npy", "--teacher", "nowhere"], "neither a local Hugging Face model directory"),
+    (["--tokens", "tokens.npy", "--teacher", "toy_teacher:make_teacher"],
+     "cannot be called with one argument (signature ()): a teacher is the forward function"),
+    (["--tokens", "tokens.npy", "--teacher", "toy_teacher:make_model"],
+     "returned Embedding, not a logits tensor [B, L, V]: a teacher is the forward function"),
     (["--text", "corpus.txt"], "--text needs --tokenizer and --seq-len"),
 ])
 def test_cli_capture_bad_input_is_one_clear_line(tmp_path, monkeypatch, capsys, argv, problem):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "toy_teacher", raising=False)  # another test's toy_teacher.py
     (tmp_path / "toy_teacher.py").write_text("import torch\nW = torch.randn(50, 50)\n\n\ndef teacher(ids):\n"
-                                             "    return W[ids]\n")
+                                             "    return W[ids]\n\n\ndef make_teacher():\n    return teacher\n\n\n"
+                                             "def make_model(config=None):\n    return torch.nn.Embedding(50, 50)\n")
     np.save("cube.npy", np.zeros((2, 3, 4), np.int64))
     np.save("floats.npy", np.zeros((2, 3)))
     np.save("stream.npy", np.zeros(10, np.int64))
@@ -247,6 +253,25 @@ def test_sigkill_mid_capture_then_resume_equals_uninterrupted(tmp_path, monkeypa
     assert main(["verify", str(tmp_path / "out"), "--no-progress"]) == 0
 
 
+def test_ctrl_c_mid_capture_says_how_to_resume(tmp_path):
+    (tmp_path / "slow_teacher.py").write_text(SLOW_TEACHER)
+    np.save(tmp_path / "tokens.npy", token_array(rows=24, length=8, vocab=64))
+    command = [sys.executable, "-m", "kdfast", "capture", "--teacher", "slow_teacher:teacher", "--tokens",
+               "tokens.npy", "--out", "out", "--k", "4", "--shard-tokens", "16", "--batch-size", "2", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)])}
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "out").glob("*.kds")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "kdfast capture: interrupted; rerun the same command to resume" in err
+    assert "Traceback" not in err
+    resumed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0 and "resuming after" in resumed.stderr, resumed.stderr
+
+
 # --- a tiny Hugging Face Llama, end to end through the CLI ----------------------------------------
 
 
@@ -292,7 +317,9 @@ def test_hf_llama_capture_verify_inspect_and_read_back(tiny_llama, tmp_path, cap
     assert main(["capture", "--teacher", str(model_dir), "--tokens", str(tmp_path / "tokens.npy"), "--out", str(out),
                  "--k", "8", "--shard-tokens", "32", "--batch-size", "1", "--tokenizer", str(tokenizer_dir),
                  "--no-progress"]) == 0
-    assert "captured 6 sequences (96 tokens)" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "captured 6 sequences (96 tokens)" in printed.out
+    assert "Loading weights" not in printed.err  # transformers' bar follows --no-progress too
     assert main(["verify", str(out), "--no-progress"]) == 0
 
     dataset = ShardDataset(out, shuffle=False, vocab_size=300)
@@ -313,6 +340,24 @@ def test_hf_llama_capture_verify_inspect_and_read_back(tiny_llama, tmp_path, cap
     for expected in ["vocab        300", "k            8", "kind         logprobs", "sequences    6", "tokens       96",
                      "bytes/token", "huggingface", repr(tokenizer.decode([top])), f"{top:>8}"]:
         assert expected in report, expected
+    assert "{" not in report  # manifest dicts as plain text, not Python reprs
+
+
+def test_tokenizer_in_the_teacher_directory_is_recorded_and_used_by_inspect(tiny_llama, tmp_path, capsys):
+    import shutil
+
+    model_dir, tokenizer_dir, _ = tiny_llama
+    teacher = shutil.copytree(model_dir, tmp_path / "teacher")
+    for path in tokenizer_dir.iterdir():
+        shutil.copy(path, teacher)
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(3, 300, (2, 8)))
+    out = tmp_path / "out"
+    assert main(["capture", "--teacher", str(teacher), "--tokens", str(tmp_path / "tokens.npy"), "--out", str(out),
+                 "--k", "4", "--no-progress"]) == 0
+    assert open_shards(out).manifest["tokenizer"]["path"] == str(teacher.resolve())
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "context      '" in capsys.readouterr().out  # decoded text, not ids
 
 
 def test_hf_capture_from_text(tiny_llama, tmp_path):

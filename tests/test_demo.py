@@ -61,6 +61,25 @@ def test_distill_and_baseline_differ_only_in_the_loss_weights(quick_demo):
     assert summaries[0]["tokens"] == summaries[1]["tokens"]
 
 
+def test_saved_configs_are_the_configs_the_runs_used(quick_demo):
+    from kdfast.train import load_config
+
+    _, out, _ = quick_demo
+    for run in ("distill", "baseline"):
+        used = json.loads((out / "runs" / run / "config.json").read_text())
+        assert load_config(out / "configs" / f"{run}.toml").to_dict() == used
+
+
+def test_report_names_the_machine(quick_demo):
+    _, out, _ = quick_demo
+    machine = json.loads((out / "report.json").read_text())["machine"]
+    markdown = (out / "report.md").read_text()
+    assert machine["isa"] == torch.backends.cpu.get_cpu_capability()
+    assert f"{machine['cpu']} ({machine['isa']})" in markdown
+    assert f"{torch.get_num_threads()} PyTorch threads" in markdown
+    assert f"torch {torch.__version__}" in markdown
+
+
 def test_report_has_every_row_and_finite_numbers(quick_demo):
     _, out, stdout = quick_demo
     report = json.loads((out / "report.json").read_text())
@@ -90,14 +109,12 @@ def test_demo_refuses_a_non_empty_output_directory(tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "user data"
 
 
-def test_expected_calibration_error_on_known_cases():
-    confidence = torch.full((10,), 0.9, dtype=torch.float64)
-    nine_right = torch.tensor([True] * 9 + [False])
-    assert demo.expected_calibration_error(confidence, nine_right) == pytest.approx(0.0, abs=1e-12)
-    assert demo.expected_calibration_error(torch.ones(4, dtype=torch.float64), torch.tensor([1, 0, 1, 0]).bool()) == 0.5
-    # two bins: 0.15 (always wrong) and 0.95 (always right): |0 - 0.15| and |1 - 0.95|, weighted 1/2 each
-    two_bins = torch.tensor([0.15, 0.15, 0.95, 0.95], dtype=torch.float64)
-    assert demo.expected_calibration_error(two_bins, torch.tensor([0, 0, 1, 1]).bool()) == pytest.approx(0.1)
+def test_contention_note_reads_the_load_average():
+    machine = {"threads": 2, "usable_cpus": 2}
+    assert "no other work kept a CPU busy" in demo.contention_note(machine | {"load_average": [0.2, 0.1, 0.1]})
+    busy = demo.contention_note(machine | {"load_average": [2.5, 2.0, 1.0]})
+    assert "load average 2.5 on 2 CPUs: other processes are running" in busy
+    assert "no load average" in demo.contention_note(machine | {"load_average": None})
 
 
 def test_corpus_split_is_deterministic_and_disjoint():
@@ -107,3 +124,59 @@ def test_corpus_split_is_deterministic_and_disjoint():
     assert not set(first.train_files) & set(first.heldout_files)
     assert sum(map(len, first.heldout)) >= 50_000 and sum(map(len, first.train)) >= 200_000
     assert all(name.endswith(".py") and "test" not in name.split("/")[:-1] for name in first.train_files)
+
+
+def independent_scores(model_dir, dataset) -> dict:
+    """CE, accuracy, agreement with the shards' stored teacher top-1 (slot 0, docs/evaluate.md) and
+    15-bin ECE of one model on ``dataset``, one sequence per forward pass, float64 log_softmax."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32).eval()
+    ce, top1, confidence, labels, teacher_top = [], [], [], [], []
+    with torch.no_grad():
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            learned = sample["labels"] != -100
+            logits = model(input_ids=sample["input_ids"][None], use_cache=False).logits[0]  # [L, V]
+            logp = torch.log_softmax(logits[learned].double(), dim=-1)  # [P, V]
+            y = sample["labels"][learned]
+            ce.append(-logp[torch.arange(len(y)), y])
+            best, argmax = logp.max(dim=-1)
+            top1.append(argmax)
+            confidence.append(best.exp())
+            labels.append(y)
+            teacher_top.append(sample["teacher_indices"][learned][:, 0].long())
+    ce, top1, confidence, labels, teacher_top = map(torch.cat, (ce, top1, confidence, labels, teacher_top))
+    correct = (top1 == labels).double()
+    edges = torch.linspace(0, 1, 16, dtype=torch.float64)[1:-1]
+    which = torch.bucketize(confidence, edges, right=True)  # bin b holds [b/15, (b+1)/15); 1.0 in the last
+    ece = sum(abs(float(correct[which == b].sum() - confidence[which == b].sum())) for b in range(15))
+    return {"tokens": len(labels), "ce": float(ce.mean()), "accuracy": float(correct.mean()),
+            "agreement": float((top1 == teacher_top).double().mean()), "ece": ece / len(labels)}
+
+
+def test_kdfast_eval_of_the_demo_models_matches_an_independent_computation(quick_demo, tmp_path):
+    from kdfast.shards import ShardDataset
+
+    _, out, _ = quick_demo
+    models = [out / "teacher", out / "runs" / "distill" / "final", out / "runs" / "baseline" / "final"]
+    heldout = out / "shards" / "heldout"
+    args = ["eval", "--no-progress", "--batch-size", "1", "--generate-tokens", "0", "--data", str(heldout),
+            "--out", str(tmp_path / "eval")]
+    for directory in models:
+        args += ["--model", str(directory)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(args) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["settings"]["ece_bins"] == 15
+    by_path = {result["path"]: result for result in report["models"].values()}
+    assert set(by_path) == {str(directory) for directory in models}
+    dataset = ShardDataset(heldout, shuffle=False)
+    for directory in models:
+        name = directory.relative_to(out)
+        got = by_path[str(directory)]["data"]["in-distribution"]
+        expected = independent_scores(directory, dataset)
+        assert got["tokens"] == expected["tokens"], name
+        for key in ("ce", "accuracy", "agreement", "ece"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-6), (name, key)
+    assert by_path[str(out / "teacher")]["data"]["in-distribution"]["agreement"] == 1.0

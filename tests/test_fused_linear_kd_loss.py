@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import kdfast
-from kdfast import fused_linear, reference
-from tests.conftest import assert_close_to_oracle, require_backend
+from kdfast import api, fused_linear, reference
+from tests.conftest import assert_close_to_oracle, require_backend, row_scale
 
 LEAD, H, V, K = (3, 13), 24, 131, 7  # 39 rows: odd, and not divisible by the chunk sizes below
 IGNORE = -100
@@ -79,10 +79,12 @@ def oracle(inputs, grad_output=None, **options):
 
 
 def assert_close(actual, expected, rtol: float):
-    """|a - e| <= rtol * max|e|, for checks without an unfused counterpart."""
-    scale = max(expected.abs().max().item(), 1e-3)
-    err = (actual.double() - expected).abs().max().item()
-    assert err <= rtol * scale, f"max error {err:.3g} > {rtol} * {scale:.3g}"
+    """Per element |a - e| <= rtol |e| + rtol / 10 x the largest |e| of its row (conftest.row_scale),
+    for checks without an unfused counterpart."""
+    expected = expected.detach().double()
+    err = (actual.detach().double() - expected).abs()
+    bound = rtol * expected.abs() + rtol / 10 * row_scale(expected)
+    assert bool((err <= bound).all()), f"{int((err > bound).sum())} entries out of tolerance, worst excess {(err - bound).max():.3g}"
 
 
 def use_backend(backend: str) -> None:
@@ -103,7 +105,12 @@ def assert_matches_oracle(inputs, grad_output=None, **options):
     assert_close_to_oracle(loss, same_loss, ref_loss, dtype, "loss")
     for name, ref in ref_grads.items():
         assert grads[name].dtype == dtype, name
-        assert_close_to_oracle(grads[name], same_grads[name], ref, dtype, f"grad {name}")
+        assert_close_to_oracle(grads[name], same_grads[name], ref, dtype, f"grad {name}", scale=_scale(name, ref))
+
+
+def _scale(name: str, ref: torch.Tensor):
+    """The bias gradient is one [V] vector (the other gradients: conftest's per-row scale)."""
+    return ref.abs().max() if name == "bias" else None
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 16, None])
@@ -320,7 +327,7 @@ def _bad(**changes):
         ),
         (_bad(), {"chunk_size": 0}, "chunk_size must be an int > 0 or None, got 0"),
         (_bad(), {"chunk_size": 2.5}, "chunk_size must be an int > 0 or None, got 2.5"),
-        (_bad(), {"temperature": 0.0}, "temperature must be a finite number > 0"),
+        (_bad(), {"temperature": 0.0}, r"temperature must be in \[0.01, 100.0\]"),
         (_bad(), {"reduction": "avg"}, "reduction must be one of"),
         (_bad(), {"num_items": 5, "reduction": "sum"}, "num_items only applies to reduction='mean'"),
         (_bad(labels=None), {"hard_weight": 1.0}, "hard_weight=1.0 needs labels"),
@@ -346,4 +353,132 @@ def test_autocast_computes_the_head_like_f_linear(teacher):
     assert_close_to_oracle(loss, same_loss, ref_loss, torch.bfloat16, "loss")
     for name, ref in ref_grads.items():
         assert grads[name].dtype == torch.float32
-        assert_close_to_oracle(grads[name], same_grads[name], ref, torch.bfloat16, f"grad {name}")
+        assert_close_to_oracle(grads[name], same_grads[name], ref, torch.bfloat16, f"grad {name}", scale=_scale(name, ref))
+
+
+# --------------------------------------------------------------------------------------------
+# The contract at its edges (issue 17)
+# --------------------------------------------------------------------------------------------
+
+
+def tail_inputs(dtype=torch.float32):
+    """A sparse logprobs teacher with its exact captured tail log-mass."""
+    inputs = make_inputs("sparse", bias=True, dtype=dtype, teacher_kind="logprobs")
+    values = inputs["teacher_values"].double()
+    valid = inputs["teacher_indices"] >= 0
+    inputs["teacher_tail"] = torch.log1p(-torch.where(valid, values.exp(), 0).sum(-1) * 1.01).float()  # not 1 - sum
+    return inputs
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_teacher_tail_is_used(backend, reduction):
+    use_backend(backend)
+    inputs = tail_inputs()
+    grad_output = torch.randn(LEAD, generator=torch.Generator().manual_seed(1)) if reduction == "none" else None
+    options = dict(teacher_kind="logprobs", tail=True, hard_weight=0.5, reduction=reduction)
+    assert_matches_oracle(inputs, grad_output, backend=backend, chunk_size=5, **options)
+    inputs.pop("teacher_tail")
+    without, _ = oracle(inputs, grad_output, **options)
+    with_tail, _ = oracle(tail_inputs(), grad_output, **options)
+    assert (with_tail - without).abs().max() > 1e-3  # the captured tail changes the answer
+
+
+def test_tail_at_another_temperature_needs_the_opt_in():
+    inputs = tail_inputs()
+    hidden, weight, labels = inputs.pop("hidden"), inputs.pop("weight"), inputs.pop("labels")
+    options = dict(teacher_kind="logprobs", tail=True, temperature=2.0)
+    with pytest.raises(ValueError, match="^fused_linear_kd_loss: tail=True is exact only .* allow_tail_temperature"):
+        kdfast.fused_linear_kd_loss(hidden, weight, labels, **inputs, **options)
+    loss = kdfast.fused_linear_kd_loss(hidden, weight, labels, **inputs, **options, allow_tail_temperature=True)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", ["teacher_values", "teacher_indices", "teacher_tail", "teacher_logits", "teacher_hidden"])
+def test_reduction_none_detects_a_teacher_modified_before_backward(name):
+    """backward recomputes the chunks from the teacher: reusing its buffer in place must raise, as autograd does."""
+    teacher = {"teacher_logits": "dense", "teacher_hidden": "online"}.get(name, "sparse")
+    inputs = tail_inputs() if teacher == "sparse" else make_inputs(teacher, bias=True)
+    options = dict(teacher_kind="logprobs", tail=True) if teacher == "sparse" else {}
+    hidden = inputs.pop("hidden").requires_grad_()
+    weight, labels = inputs.pop("weight"), inputs.pop("labels")
+    tensors = {k: v for k, v in inputs.items() if v is not None}
+    loss = kdfast.fused_linear_kd_loss(hidden, weight, labels, **tensors, **options, reduction="none", chunk_size=8)
+    if name == "teacher_indices":
+        tensors[name].fill_(0)
+    else:
+        tensors[name].mul_(0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.sum().backward()
+
+
+def test_num_items_tensor_is_checked_and_shape_one_gives_a_scalar():
+    inputs = make_inputs("sparse", bias=True)
+    hidden, weight, labels = inputs.pop("hidden"), inputs.pop("weight"), inputs.pop("labels")
+    tensors = {k: v for k, v in inputs.items() if v is not None}
+    with pytest.raises(ValueError, match="^fused_linear_kd_loss: num_items must be finite and > 0"):
+        kdfast.fused_linear_kd_loss(hidden, weight, labels, **tensors, num_items=torch.tensor(0.0))
+    loss = kdfast.fused_linear_kd_loss(hidden, weight, labels, **tensors, num_items=torch.tensor([7.0]))
+    assert loss.shape == ()
+    torch.testing.assert_close(loss, kdfast.fused_linear_kd_loss(hidden, weight, labels, **tensors, num_items=7))
+
+
+def test_duplicate_indices_and_ignore_index_range_raise():
+    inputs = make_inputs("sparse", bias=True)
+    hidden, weight, labels = inputs.pop("hidden"), inputs.pop("weight"), inputs.pop("labels")
+    tensors = {k: v for k, v in inputs.items() if v is not None}
+    with pytest.raises(ValueError, match="^fused_linear_kd_loss: ignore_index must fit in int64"):
+        kdfast.fused_linear_kd_loss(hidden, weight, labels, **tensors, ignore_index=2**70)
+    tensors["teacher_indices"] = tensors["teacher_indices"].clone()
+    tensors["teacher_indices"][0, 0, 1] = tensors["teacher_indices"][0, 0, 0]
+    with pytest.raises(ValueError, match="^fused_linear_kd_loss: teacher_indices must be unique within a row"):
+        kdfast.fused_linear_kd_loss(hidden, weight, labels, **tensors)
+
+
+def _emulate_out_dtype_gemms(monkeypatch):
+    """CPU stand-ins for CUDA's ``mm``/``addmm(..., out_dtype=torch.float32)`` on 16-bit operands
+    (float32 accumulation and output), so that CI exercises the float32-logits path of the fused op."""
+    mm, addmm = torch.mm, torch.addmm
+
+    def mm_out_dtype(a, b, out_dtype=None, *, out=None):
+        if out_dtype is None:
+            return mm(a, b) if out is None else mm(a, b, out=out)
+        return out.copy_(mm(a.to(out_dtype), b.to(out_dtype)))
+
+    def addmm_out_dtype(c, a, b, out_dtype=None, *, beta=1, out=None):
+        if out_dtype is None:
+            return addmm(c, a, b, beta=beta) if out is None else addmm(c, a, b, beta=beta, out=out)
+        return out.copy_(addmm(c.to(out_dtype), a.to(out_dtype), b.to(out_dtype), beta=beta))
+
+    monkeypatch.setattr(torch, "mm", mm_out_dtype)
+    monkeypatch.setattr(torch, "addmm", addmm_out_dtype)
+    monkeypatch.setattr(api, "_fp32_output_gemm", lambda device: True)
+
+
+@pytest.mark.parametrize("device", ["cpu-emulated", "cuda"])
+def test_bf16_head_keeps_the_logits_in_float32_where_the_gemm_can(device, monkeypatch):
+    """JSD d/hidden with a bf16 head: logits rounded to bf16 cost 0.95% relative L1 error here (the
+    landed code, measured), float32-output GEMMs 0.20% (the rounding of d/hidden itself to bf16)."""
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs CUDA (the only platform with float32-output bf16 GEMMs in torch 2.13)")
+    else:
+        _emulate_out_dtype_gemms(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    n, h, vocab = 128, 64, 4000
+    inputs = {
+        "hidden": torch.randn(n, h, generator=gen).bfloat16(),
+        "weight": (torch.randn(vocab, h, generator=gen) * 0.4).bfloat16(),
+        "bias": (torch.randn(vocab, generator=gen) * 0.5).bfloat16(),
+        "labels": torch.randint(0, vocab, (n,), generator=gen),
+        "teacher_logits": (torch.randn(n, vocab, generator=gen) * 3).bfloat16(),
+    }
+    target = "cuda" if device == "cuda" else "cpu"
+    inputs = {k: v.to(target) for k, v in inputs.items()}
+    options = dict(divergence="jsd", beta=0.5)
+    _, grads = run(kdfast.fused_linear_kd_loss, inputs, chunk_size=48, **options)
+    _, ref_grads = oracle(inputs, **options)
+    for name, bound in (("hidden", 4e-3), ("weight", 4e-3), ("bias", 4e-3)):
+        got, ref = grads[name].double(), ref_grads[name]
+        rel = ((got - ref).abs().sum() / ref.abs().sum()).item()
+        assert rel < bound, f"d/{name} relative L1 error {rel:.2e} >= {bound}"

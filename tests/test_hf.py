@@ -171,3 +171,30 @@ def test_teacher_model_and_targets_together_raise():
     input_ids, _ = batch()
     with pytest.raises(ValueError, match="give exactly one teacher"):
         hf.causal_lm_kd_loss(model, input_ids, teacher_model=model, **teacher_targets("dense"))
+
+
+def test_teacher_tail_passes_through():
+    """Sparse logprobs with the captured tail: same as kd_loss with teacher_tail on the shifted logits."""
+    model = tiny_model("llama")
+    input_ids, attention_mask = batch()
+    gen = torch.Generator().manual_seed(2)
+    log_p = torch.log_softmax(2 * torch.randn(B, L, V, generator=gen), -1)
+    values, indices = log_p.topk(8, dim=-1)
+    tail = torch.log1p(-values.exp().sum(-1)) - 0.5  # differs from 1 - sum(exp(values)): must be the one used
+    targets = {"teacher_indices": indices, "teacher_values": values, "teacher_tail": tail}
+    options = {"teacher_kind": "logprobs", "tail": True, "hard_weight": 0.5}
+    expected = loss_and_grads(unfused, model, input_ids, attention_mask, targets, **options)
+    actual = loss_and_grads(hf.causal_lm_kd_loss, model, input_ids, attention_mask, **targets, chunk_size=7, **options)
+    assert_same_loss_and_grads(expected, actual)
+    without = hf.causal_lm_kd_loss(model, input_ids, attention_mask, teacher_indices=indices, teacher_values=values,
+                                   **options)
+    assert abs(without.item() - actual[0].item()) > 1e-3
+
+
+def test_teacher_tail_shape_is_checked():
+    model = tiny_model("gpt2")
+    input_ids, attention_mask = batch()
+    values, indices = torch.log_softmax(torch.randn(B, L, V), -1).topk(8, dim=-1)
+    with pytest.raises(ValueError, match=r"teacher_tail must be \[3, 11\]"):
+        hf.causal_lm_kd_loss(model, input_ids, attention_mask, teacher_indices=indices, teacher_values=values,
+                             teacher_tail=torch.zeros(B, L, 1), teacher_kind="logprobs", tail=True)

@@ -7,6 +7,7 @@ stay small; the ``small_blocks`` fixture shrinks BLOCK_V so that a 1000-wide row
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -40,8 +41,10 @@ def _triton_available():
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    for name in ("_DENSE_BLOCK_V", "_JSD_BLOCK_V", "_SPARSE_BLOCK_V", "_INTERPRET_BLOCK_V"):
-        monkeypatch.setattr(triton_kd, name, SMALL_BLOCK)
+    """Every shape class at BLOCK_V = SMALL_BLOCK (compiled on a GPU too, not only the interpreter)."""
+    monkeypatch.setattr(triton_kd, "_INTERPRET_BLOCK_V", SMALL_BLOCK)
+    for kind, params in list(triton_kd._LAUNCH.items()):
+        monkeypatch.setitem(triton_kd._LAUNCH, kind, dataclasses.replace(params, block_v=SMALL_BLOCK))
 
 
 @pytest.fixture
@@ -95,6 +98,8 @@ def loss_and_grad(fn, logits, labels, teacher, grad_output, **options):
 def triton_loss_and_grad(student, labels, teacher, grad_output, dtype=torch.float32, **options):
     """loss_and_grad through kdfast.kd_loss(backend="triton") on the Triton device, inputs in ``dtype``."""
     device = backend_device("triton")
+    if teacher.get("tail") and options.get("temperature", 1.0) != 1.0:
+        options = dict(options, allow_tail_temperature=True)
     return loss_and_grad(kdfast.kd_loss, student.to(device, dtype), labels.to(device), to(teacher, dtype, device),
                          grad_output, backend="triton", **options)
 
@@ -258,10 +263,12 @@ def test_backend_op_compiles_without_graph_breaks(device, inplace):
     labels = labels.to(device)
     opts = LossOptions(teacher_kind="logprobs", tail=True, hard_weight=0.5, reduction="sum", inplace=inplace, compute_grad=True)
 
+    indices, values = teacher["teacher_indices"], teacher["teacher_values"]
+    tail = torch.log1p(-torch.where(indices >= 0, values.exp(), 0.0).sum(-1))  # [N] the optional tensor argument
+
     def step(hidden):
         logits = hidden * 1.0  # inplace=True overwrites this intermediate, not the leaf
-        indices, values = teacher["teacher_indices"], teacher["teacher_values"]
-        return triton_kd.kd_loss(logits, labels, None, indices, values, None, opts)[0]
+        return triton_kd.kd_loss(logits, labels, None, indices, values, tail, None, opts)[0]
 
     eager = _loss_and_grad_of(step, student.float().to(device), 0.7)
     compiled_step = torch.compile(step, fullgraph=True, backend="aot_eager")

@@ -1,26 +1,31 @@
 """ShardDataset: teacher targets as ready-to-train tensors, in a reproducible, rank-sliced order.
 
 Alignment (the same convention as Hugging Face causal-LM labels, shifted here once): a stored
-sequence x[0..L-1] yields
+sequence x[0..L-1] with loss mask m[0..L-1] (version-1 shards: every m[i] is true) yields
 
     input_ids[i]       = x[i]                                   [L] int64
-    labels[i]          = x[i + 1] for i < L - 1, labels[L-1] = -100   [L] int64
+    labels[i]          = x[i + 1] where m[i] and i < L - 1, else -100   [L] int64
     teacher_indices[i] = the teacher's top-k / sampled ids for the token after x[0..i]   [L, k]
     teacher_values[i]  = their log-probs (kind "logprobs") or probabilities ("probs")   [L, k]
     teacher_tail[i]    = log of the teacher mass outside those slots (-inf: none)       [L] float32
 
 so row i of the student's logits (computed from x[0..i]) is compared with labels[i] and with the
 teacher targets of row i, exactly what ``kdfast.kd_loss(logits, labels, teacher_indices=...,
-teacher_values=..., teacher_kind=dataset.kind)`` expects. The last position keeps the teacher's
-prediction after the whole sequence, but its label is -100 and kd_loss drops both terms of ignored
-rows, so it does not train; it is kept so that every tensor has L rows.
+teacher_values=..., teacher_kind=dataset.kind)`` expects. A position that is not learned has no
+stored targets: its slots are empty (-1, value -inf for logprobs / 0 for probs, tail -inf) and its
+label is -100, so kd_loss ignores it. The last position keeps the teacher's prediction after the
+whole sequence, but its label is -100 too; it is kept so that every tensor has L rows.
+
+Damage: ``dataset[i]`` verifies what it reads (see ``kdfast.shards.reader``) and raises ShardError
+with ``path`` (the shard file), ``sequence`` (= i) and ``section`` (when known) set, so a training
+loop can stop or skip and count.
 
 Indices are int32 by default (the stored type; kd_loss accepts int32 and it halves host-to-device
 bytes); pass ``index_dtype=torch.int64`` for code that needs int64. Values are float32 by default;
 ``values_dtype=torch.float16`` on float16 shards (bfloat16 on bfloat16 shards) returns the stored
 values bit-exactly. Every tensor is a fresh contiguous CPU tensor, so ``DataLoader(pin_memory=True)``
-pins them without extra copies beyond its own, and the default collate stacks equal-length sequences
-(``kdfast capture`` writes one length per dataset).
+pins them without extra copies beyond its own; the default collate stacks equal-length sequences only
+(``kdfast capture --tokens`` writes one length per dataset), variable lengths need a padding collate.
 """
 from __future__ import annotations
 
@@ -99,17 +104,18 @@ class ShardDataset(Dataset):
     ``DataLoader(dataset, sampler=dataset.sampler, batch_size=..., num_workers=..., pin_memory=True)``,
     or iterate the dataset itself (same order, in-process). Workers map the shard files themselves.
     ``vocab_size`` (the student's) must equal the teacher's, else ShardError. ``verify=True`` checks
-    every checksum at construction (see ``open_shards``).
+    every byte at construction; ``verify_reads`` (default True) checks each read's checksums (see
+    ``open_shards``).
     """
 
     def __init__(self, path: str | Path, *, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
                  consumed: int = 0, vocab_size: int | None = None, index_dtype: torch.dtype = torch.int32,
-                 values_dtype: torch.dtype = torch.float32, verify: bool = False):
+                 values_dtype: torch.dtype = torch.float32, verify: bool = False, verify_reads: bool = True):
         if index_dtype not in (torch.int32, torch.int64):
             raise ValueError(f"index_dtype must be torch.int32 or torch.int64, got {index_dtype}")
         if not values_dtype.is_floating_point:
             raise ValueError(f"values_dtype must be a floating-point dtype, got {values_dtype}")
-        self.shards = open_shards(path, vocab_size=vocab_size, verify=verify)
+        self.shards = open_shards(path, vocab_size=vocab_size, verify=verify, verify_reads=verify_reads)
         self.index_dtype, self.values_dtype = index_dtype, values_dtype
         self.sampler = ShardSampler(len(self.shards), seed=seed, shuffle=shuffle, rank=rank, world_size=world_size,
                                     consumed=consumed)
@@ -119,6 +125,8 @@ class ShardDataset(Dataset):
     vocab_size = property(lambda self: self.shards.vocab_size)
     capture_temperature = property(lambda self: self.shards.capture_temperature)
     manifest = property(lambda self: self.shards.manifest)
+    learned_tokens = property(lambda self: self.shards.learned_tokens)
+    total_tokens = property(lambda self: self.shards.total_tokens)
 
     def __len__(self) -> int:
         return len(self.shards)
@@ -128,6 +136,8 @@ class ShardDataset(Dataset):
         input_ids = torch.from_numpy(seq.tokens).long()
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[:-1] = input_ids[1:]
+        if not seq.mask.all():
+            labels[~torch.from_numpy(seq.mask)] = IGNORE_INDEX
         return {
             "input_ids": input_ids,  # [L] int64
             "labels": labels,  # [L] int64

@@ -1,207 +1,348 @@
-"""Reading shard datasets: O(1) open, zero-copy memory maps, full verification on request.
+"""Reading shard datasets: O(1) open, verified reads with ``pread``, full verification on request.
 
-``open_shards`` trusts nothing it has not checked: the manifest's schema, then per shard its size
-against the manifest, the header (magic, version, checksum, canonical layout), the footer, and that
-header and manifest agree. That costs a few hundred bytes of I/O per shard, independent of its size.
-Data bytes are only checksummed by ``verify`` (``kdfast verify``), but every read still range-checks
-what it returns (offsets, token and teacher ids, values, tail), so a damaged section yields
-ShardError, never an out-of-range id or a NaN in a training batch.
+``open_shards`` trusts nothing it has not checked: the manifest (a regular file, size-capped,
+depth-limited, every field present and typed), then per shard its size against the manifest, the
+header (magic, version, checksum, canonical layout), the footer, and that header and manifest
+agree. That costs a few hundred bytes of I/O per shard, independent of its size.
 
-Memory maps are opened lazily and per process (a DataLoader worker, forked or spawned, maps the
-files itself); pickling a ShardSet sends paths and headers, never mapped data.
+Reads use ``os.preadv`` into fresh arrays, never a memory map: a shard truncated or rewritten in
+place while it is open gives a short read or a checksum mismatch (ShardError), never SIGBUS. A
+version-2 read checks the xxh3_64 of every byte it returns against its sequence's index record; a
+version-1 read (no per-sequence checksums in that format) checks the shard's whole-section checksums
+once, before the first read from that shard object. Every read also range-checks what it returns,
+so even ``verify_reads=False`` yields ShardError, never an out-of-range id or a NaN in a batch.
+
+File descriptors are opened on the first read; a forked DataLoader worker shares them safely
+(``pread`` does not move a file offset), pickling a ShardSet sends paths and headers only.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import stat
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import xxhash
 from tqdm import tqdm
 
 from kdfast.shards.format import (
-    FOOTER_SIZE, FORMAT_NAME, HEADER_SIZE, INDEX_ENCODINGS, KINDS, MANIFEST, SECTIONS, STATE, VALUE_DTYPES,
-    VERSION, Header, ShardError, checksum, decode_indices, decode_values, shard_name, unpack_footer,
+    FOOTER_SIZE, FORMAT_NAME, HEADER_SIZE, INDEX_ENCODINGS, KINDS, MANIFEST, SEQUENCE_SECTIONS, STATE,
+    TOKEN_SECTIONS, VALUE_DTYPES, VERSIONS, Header, IndexRecord, ShardError, decode_indices,
+    decode_values, empty_value, range_problem, row_bytes, shard_name, unpack_footer,
 )
 
-__all__ = ["open_shards", "verify_shards", "load_manifest", "read_json", "ShardSet", "ShardFile", "SequenceArrays"]
+__all__ = ["open_shards", "verify_shards", "load_manifest", "read_json", "json_depth", "ShardSet", "ShardFile",
+           "SequenceArrays", "MAX_JSON_BYTES", "MAX_JSON_DEPTH"]
 
-_VERIFY_CHUNK_TOKENS = 1 << 16
+MAX_JSON_BYTES = 64 << 20  # manifest / capture.json size cap (a 1000-shard manifest is ~200 KB)
+MAX_JSON_DEPTH = 32  # nesting of objects and arrays (kdfast writes at most 4)
+_CHUNK_BYTES = 16 << 20  # streamed whole-section checksums
+_EMPTY_CHECKSUM = xxhash.xxh3_64_intdigest(b"")
 
 
 class SequenceArrays(NamedTuple):
-    """One sequence, decoded into fresh (writable) arrays."""
+    """One sequence, decoded into fresh (writable) arrays; every array has one row per position."""
 
     tokens: np.ndarray  # [L] int32
-    indices: np.ndarray  # [L, k] int32, -1 = empty slot
-    values: np.ndarray  # [L, k] float32: log-probs (kind logprobs) or probabilities (kind probs)
-    tail: np.ndarray  # [L] float32 log-mass outside the slots (-inf: none)
+    indices: np.ndarray  # [L, k] int32, -1 = empty slot (every slot of a position that is not learned)
+    values: np.ndarray  # [L, k] float32: log-probs (kind logprobs) or probabilities (kind probs); empty: -inf / 0
+    tail: np.ndarray  # [L] float32 log-mass outside the slots (-inf: none, and at positions not learned)
+    mask: np.ndarray  # [L] bool, True = learned (version 1: all True)
 
 
-class _Views(NamedTuple):
-    """Zero-copy arrays over one shard's memory map, one per section."""
-
-    file: np.ndarray  # [bytes] uint8
-    tokens: np.ndarray  # [T] int32
-    offsets: np.ndarray  # [S + 1] uint64
-    indices: np.ndarray  # [T, k] int32 or uint16 (packed low bits)
-    index_high: np.ndarray  # [T, planes, ceil(k / 8)] uint8
-    values: np.ndarray  # [T, k] float16 / uint16 (bfloat16 bits) / uint8 codes
-    value_scale: np.ndarray  # [T, 2] float32 (hi, step), uint8 values only
-    tail: np.ndarray  # [T] float32
+# --- hostile-file-safe reading ---------------------------------------------------------------------
 
 
-_SECTION_DTYPES = {"tokens": "<i4", "offsets": "<u8", "index_high": "u1", "value_scale": "<f4", "tail": "<f4"}
-_VALUE_STORAGE = {"float16": "<f2", "bfloat16": "<u2", "uint8": "u1"}
+def _open_regular(path: Path, missing: str) -> io.FileIO:
+    """A read-only handle on ``path`` if it is a regular file (never blocks: FIFOs are opened O_NONBLOCK)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ShardError(path, missing) from None
+    except OSError as e:
+        raise ShardError(path, f"cannot open: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ShardError(path, "not a regular file (a directory, device, FIFO or socket): refusing to read it")
+    return io.FileIO(fd, "r")
+
+
+def _pread_into(handle: io.FileIO, view: np.ndarray, offset: int) -> int:
+    """Fill the uint8 array ``view`` from file offset ``offset``; returns the bytes read (fewer at end of file)."""
+    done = 0
+    while done < view.size:
+        got = os.preadv(handle.fileno(), [view[done:]], offset + done)
+        if got == 0:
+            break
+        done += got
+    return done
 
 
 def read_json(path: Path) -> dict:
-    """A JSON object from ``path``; ShardError if it cannot be read or is not an object."""
+    """A JSON object from the regular file ``path``: at most MAX_JSON_BYTES, nested at most
+    MAX_JSON_DEPTH deep; ShardError naming the file otherwise."""
+    path = Path(path)
+    with _open_regular(path, "missing") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > MAX_JSON_BYTES:
+            raise ShardError(path, f"{size} bytes, over the {MAX_JSON_BYTES}-byte limit for this file")
+        try:
+            data = os.pread(handle.fileno(), size + 1, 0)
+        except OSError as e:
+            raise ShardError(path, f"cannot read: {e.strerror}") from None
+    if len(data) > size:
+        raise ShardError(path, "file grew while it was read: another process is writing it")
     try:
-        with open(path) as f:
-            obj = json.load(f)
-    except (OSError, ValueError) as e:
+        obj = json.loads(data)
+    except RecursionError:
+        raise ShardError(path, "JSON nested too deeply") from None
+    except ValueError as e:
         raise ShardError(path, f"unreadable JSON: {e}") from None
+    if json_depth(obj) > MAX_JSON_DEPTH:
+        raise ShardError(path, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(obj, dict):
         raise ShardError(path, "JSON content is not an object")
     return obj
 
 
+def json_depth(obj) -> int:
+    """Nesting depth of objects and arrays (a scalar is 0, ``{}`` is 1), without recursion."""
+    depth, level = 0, [obj] if isinstance(obj, (dict, list)) else []
+    while level:
+        depth += 1
+        level = [child for item in level for child in (item.values() if isinstance(item, dict) else item)
+                 if isinstance(child, (dict, list))]
+    return depth
+
+
+# --- one shard file --------------------------------------------------------------------------------
+
+
 class ShardFile:
-    """One shard: its validated header plus lazily mapped, per-process section views."""
+    """One shard: its validated header and, after the first read, a read-only file handle."""
 
     def __init__(self, path: Path, header: Header):
         self.path = path
         self.header = header
-        self._views: _Views | None = None
-        self._pid = -1
+        self._handle: io.FileIO | None = None
+        self._sections_checked = False  # version 1: whole-section checksums checked by this object
+        self._rows = _row_layout(header)
 
     @classmethod
     def open(cls, path: str | Path, *, manifest: dict | None = None, entry: dict | None = None) -> ShardFile:
         """O(1) open: size, header, footer, and agreement with the manifest entry when given."""
         path = Path(path)
-        try:
-            size = path.stat().st_size
-            if entry is not None and size != entry["bytes"]:
-                raise ShardError(path, f"file has {size} bytes, the manifest says {entry['bytes']}: "
-                                       "truncated, extended or replaced after capture")
-            with open(path, "rb") as f:
-                header = Header.unpack(f.read(HEADER_SIZE), path)
-                total = header.total_size()
-                if size != total:
-                    state = "truncated" if size < total else "longer than its header says"
-                    raise ShardError(path, f"{state}: header describes {total} bytes, file has {size}")
-                f.seek(total - FOOTER_SIZE)
-                footer_total = unpack_footer(f.read(FOOTER_SIZE), path)
-        except FileNotFoundError:
-            raise ShardError(path, "missing shard file listed in the manifest") from None
-        except OSError as e:
-            raise ShardError(path, f"cannot read: {e}") from None
-        if footer_total != total:
-            raise ShardError(path, f"footer records {footer_total} bytes, header describes {total}")
+        with _open_regular(path, "missing shard file listed in the manifest") as handle:
+            header = _check_file(handle, path, entry)
         if manifest is not None:
             _check_header_matches(header, manifest, entry, path)
         return cls(path, header)
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "header": self.header, "_views": None, "_pid": -1}
+        return {**self.__dict__, "_handle": None}
 
-    def views(self) -> _Views:
-        """Section arrays over a memory map owned by this process (mapped on first use)."""
-        if self._pid != os.getpid():
-            self._views, self._pid = _map_sections(self.path, self.header), os.getpid()
-        return self._views
+    def _file(self) -> io.FileIO:
+        """The read handle, opened on first use; the file must still be the one that was opened."""
+        if self._handle is None:
+            handle = _open_regular(self.path, "shard file disappeared after the dataset was opened")
+            header = np.empty(HEADER_SIZE, np.uint8)  # [256] uint8
+            size = os.fstat(handle.fileno()).st_size
+            if (size != self.header.total_size() or _pread_into(handle, header, 0) != HEADER_SIZE
+                    or header.tobytes() != self.header.pack()):
+                handle.close()
+                raise ShardError(self.path, f"changed since the dataset was opened (now {size} bytes): replaced, "
+                                            "truncated or rewritten; reopen it")
+            self._handle = handle
+        return self._handle
 
-    def read(self, local: int) -> SequenceArrays:
-        """Decode and range-check sequence ``local`` (0-based within this shard)."""
-        views = self.views()
-        start, end = int(views.offsets[local]), int(views.offsets[local + 1])
-        if not 0 <= start < end <= self.header.num_tokens:
-            raise ShardError(self.path, f"sequence {local} spans tokens [{start}, {end}) outside the shard's "
-                                        f"{self.header.num_tokens}: offsets section damaged (run kdfast verify)")
-        arrays = self._decode(views, start, end)
-        self._check_ranges(arrays, f"sequence {local}")
-        return arrays
+    def _error(self, problem: str, local: int | None = None, section: str | None = None) -> ShardError:
+        if local is None:
+            return ShardError(self.path, problem, section=section)
+        sequence = self.header.first_sequence + local
+        return ShardError(self.path, f"sequence {sequence} ({local} in this shard): {problem}", sequence=sequence,
+                          section=section)
 
-    def _decode(self, views: _Views, start: int, end: int) -> SequenceArrays:
+    def _pread(self, offset: int, dtype: np.dtype, shape: tuple, what: str, local: int | None,
+               expected: int | None = None) -> np.ndarray:
+        """A fresh array of ``shape`` read from ``offset``; ``expected``: its xxh3_64 (checked while hot)."""
+        out = np.empty(shape, dtype)
+        view = out.reshape(-1).view(np.uint8)
+        try:
+            got = _pread_into(self._file(), view, offset)
+        except OSError as e:
+            raise self._error(f"cannot read the {what} section: {e.strerror}", local, what) from None
+        if got != view.size:
+            raise self._error(f"the file ends inside the {what} section: truncated after it was opened", local, what)
+        if expected is not None and xxhash.xxh3_64_intdigest(view) != expected:
+            raise self._error(f"{what} section checksum mismatch: the section is damaged", local, what)
+        return out
+
+    def read(self, local: int, *, verify: bool = True) -> SequenceArrays:
+        """Sequence ``local`` (0-based within this shard), decoded; ShardError (with ``sequence`` set)
+        on any problem. Version 2 with ``verify``: every byte read is checked against the sequence's
+        checksums; otherwise (and always for version 1) the decoded values are range-checked instead."""
         h = self.header
-        high = views.index_high[start:end] if h.index_encoding == "packed" else views.index_high
-        scale = views.value_scale[start:end] if h.value_dtype == "uint8" else views.value_scale
-        return SequenceArrays(
-            tokens=views.tokens[start:end].copy(),
-            indices=decode_indices(views.indices[start:end], high, h.index_encoding, h.k),
-            values=decode_values(views.values[start:end], scale, h.value_dtype),
-            tail=views.tail[start:end].copy(),
-        )
+        if verify and h.version == 1 and not self._sections_checked:
+            self._check_sections(local)
+        record = self._locate(local)
+        parts = {}
+        for i, name in enumerate(SEQUENCE_SECTIONS):
+            if name not in h.sections:  # version 1 has no mask
+                continue
+            start, end = ((record.token_start, record.token_end) if name in TOKEN_SECTIONS
+                          else (record.target_start, record.target_end))
+            expected = record.checksums[i] if verify and record.checksums else None
+            if name in self._rows:
+                offset, size, dtype, shape = self._rows[name]
+                parts[name] = self._pread(offset + start * size, dtype, (end - start, *shape), name, local, expected)
+            else:  # an empty section: its slice of every sequence is empty
+                parts[name] = np.empty((end - start, 0), np.uint8)
+                if expected is not None and expected != _EMPTY_CHECKSUM:
+                    raise self._error(f"{name} section checksum mismatch: the index record is damaged", local, name)
+        learned = self._mask(parts.get("mask"), record, local)
+        indices = decode_indices(parts["indices"], parts["index_high"], h.index_encoding, h.k)
+        values = decode_values(parts["values"], parts["value_scale"], h.value_dtype)
+        if not (verify and record.checksums):  # checksummed bytes are the writer's, which it range-checked
+            self._check_ranges(parts["tokens"], indices, values, parts["tail"], local)
+        if len(indices) < len(learned):
+            indices, values, tail = _spread(learned, indices, values, parts["tail"], h.kind)
+        else:
+            tail = parts["tail"]
+        return SequenceArrays(parts["tokens"], indices, values, tail, learned)
 
-    def _check_ranges(self, arrays: SequenceArrays, where: str) -> None:
-        """Ids inside the vocabulary, values a valid distribution piece, no NaN (NaN fails every test)."""
+    def _check_ranges(self, tokens, indices, values, tail, local: int) -> None:
+        problem = range_problem(tokens, indices, values, tail, self.header.vocab_size, self.header.kind)
+        if problem:
+            raise self._error(f"{problem}: a data section is damaged (run kdfast verify)", local)
+
+    def _locate(self, local: int) -> IndexRecord:
+        """Where sequence ``local`` lies (version 1: from the offsets section, without checksums)."""
         h = self.header
-        lowest, highest = (-np.inf, 0.0) if h.kind == "logprobs" else (0.0, 1.0)
-        checks = (
-            ("token ids", arrays.tokens, 0, h.vocab_size - 1),
-            ("teacher indices", arrays.indices, -1, h.vocab_size - 1),
-            ("teacher values", arrays.values, lowest, highest),
-            ("tail log-mass", arrays.tail, -np.inf, 0.0),
-        )
-        for what, array, lo, hi in checks:
-            if not (array.min() >= lo and array.max() <= hi):
-                raise ShardError(self.path, f"{where}: {what} outside [{lo}, {hi}]: a data section is damaged "
-                                            "(run kdfast verify)")
+        if h.version == 1:
+            start, end = self._pread(h.sections["offsets"][0] + 8 * local, np.dtype("<u8"), (2,), "offsets",
+                                     local).tolist()
+            if not 0 <= start < end <= h.num_tokens:
+                raise self._error(f"spans tokens [{start}, {end}) outside the shard's {h.num_tokens}: offsets "
+                                  "section damaged (run kdfast verify)", local, "offsets")
+            return IndexRecord(start, end, start, end, ())
+        raw = self._pread(h.sections["index"][0] + IndexRecord.SIZE * local, np.dtype("u1"), (IndexRecord.SIZE,),
+                          "index", local)
+        record = IndexRecord.unpack(raw.tobytes())
+        if record is None:
+            raise self._error("index section checksum mismatch: the sequence's index record is damaged", local,
+                              "index")
+        tokens, targets = record.token_end - record.token_start, record.target_end - record.target_start
+        if not (0 <= record.token_start < record.token_end <= h.num_tokens and 0 <= record.target_start
+                < record.target_end <= h.num_learned and targets <= tokens):
+            raise self._error(f"index record places it outside the shard (tokens [{record.token_start}, "
+                              f"{record.token_end}), targets [{record.target_start}, {record.target_end}))", local,
+                              "index")
+        return record
+
+    def _mask(self, mask: np.ndarray | None, record: IndexRecord, local: int) -> np.ndarray:
+        """[L] bool learned positions; the mask must hold 0/1 and as many ones as there are target rows."""
+        if mask is None:
+            return np.ones(record.token_end - record.token_start, bool)
+        if mask.max() > 1 or np.count_nonzero(mask) != record.target_end - record.target_start:
+            raise self._error(f"mask does not match its {record.target_end - record.target_start} target rows: "
+                              "the mask section is damaged (run kdfast verify)", local, "mask")
+        return mask.view(np.bool_)
 
     def verify(self) -> None:
-        """Check every byte: section checksums, zero padding, sequence offsets and value ranges."""
-        views = self.views()
-        for name in SECTIONS:
-            offset, length, expected = self.header.sections[name]
-            if checksum(views.file[offset:offset + length]) != expected:
-                raise ShardError(self.path, f"{name} section checksum mismatch: the section is damaged")
-        self._verify_padding(views.file)
-        self._verify_offsets(views.offsets)
-        for start in range(0, self.header.num_tokens, _VERIFY_CHUNK_TOKENS):
-            end = min(start + _VERIFY_CHUNK_TOKENS, self.header.num_tokens)
-            self._check_ranges(self._decode(views, start, end), f"tokens [{start}, {end})")
+        """Check every byte: section checksums, zero padding, the sequence index, then every sequence as
+        a verified read checks it (per-sequence checksums, mask), and its value ranges."""
+        self._check_sections()
+        self._check_padding()
+        self._check_sequence_index()
+        for local in range(self.header.num_sequences):
+            self._check_ranges(*self.read(local)[:4], local)
 
-    def _verify_padding(self, file: np.ndarray) -> None:
-        spans = [(offset, offset + length) for offset, length, _ in self.header.sections.values()]
+    def _check_sections(self, local: int | None = None) -> None:
+        """Whole-section checksums, streamed; ``local``: the read that asked (named in the error)."""
+        for name, (offset, length, expected) in self.header.sections.items():
+            digest = xxhash.xxh3_64()
+            for start in range(0, length, _CHUNK_BYTES):
+                digest.update(self._pread(offset + start, np.dtype("u1"), (min(_CHUNK_BYTES, length - start),), name,
+                                          local))
+            if digest.intdigest() != expected:
+                raise self._error(f"{name} section checksum mismatch: the section is damaged", local, name)
+        self._sections_checked = True
+
+    def _check_padding(self) -> None:
         gap_start = HEADER_SIZE
-        for start, end in spans:
-            if np.count_nonzero(file[gap_start:start]):
-                raise ShardError(self.path, f"nonzero padding in bytes [{gap_start}, {start})")
-            gap_start = max(gap_start, end)
+        for offset, length, _ in sorted(self.header.sections.values()):
+            if offset > gap_start and np.count_nonzero(self._pread(gap_start, np.dtype("u1"), (offset - gap_start,),
+                                                                   "padding", None)):
+                raise self._error(f"nonzero padding in bytes [{gap_start}, {offset})")
+            gap_start = max(gap_start, offset + length)
 
-    def _verify_offsets(self, offsets: np.ndarray) -> None:
-        steps = np.diff(offsets.astype(np.int64))
-        if offsets[0] != 0 or offsets[-1] != self.header.num_tokens or steps.min() < 1:
-            raise ShardError(self.path, "sequence offsets are not increasing from 0 to the token count")
+    def _check_sequence_index(self) -> None:
+        """Sequences tile the shard's tokens (and, version 2, its target rows) in order."""
+        h = self.header
+        if h.version == 1:
+            offsets = self._pread(h.sections["offsets"][0], np.dtype("<u8"), (h.num_sequences + 1,), "offsets", None)
+            steps = np.diff(offsets.astype(np.int64))
+            if offsets[0] != 0 or offsets[-1] != h.num_tokens or steps.min() < 1:
+                raise self._error("sequence offsets are not increasing from 0 to the token count", section="offsets")
+            return
+        records = self._pread(h.sections["index"][0], np.dtype("<u8"), (h.num_sequences, IndexRecord.SIZE // 8),
+                              "index", None)
+        for column, total in ((0, h.num_tokens), (2, h.num_learned)):
+            starts, ends = records[:, column].astype(np.int64), records[:, column + 1].astype(np.int64)
+            if starts[0] != 0 or ends[-1] != total or np.any(starts[1:] != ends[:-1]) or np.any(ends <= starts):
+                raise self._error("index records do not tile the shard's tokens and target rows in order",
+                                  section="index")
 
 
-def _map_sections(path: Path, header: Header) -> _Views:
+def _row_layout(h: Header) -> dict[str, tuple[int, int, np.dtype, tuple]]:
+    """Per non-empty per-sequence section: (section offset, bytes per row, storage dtype, shape of a row)."""
+    rows = row_bytes(h.k, h.value_dtype, h.index_encoding, h.index_bits)
+    storage = {"tokens": "<i4", "mask": "u1", "indices": "<u2" if h.index_encoding == "packed" else "<i4",
+               "index_high": "u1", "values": {"float16": "<f2", "bfloat16": "<u2", "uint8": "u1"}[h.value_dtype],
+               "value_scale": "<f4", "tail": "<f4"}
+    shapes = {"tokens": (), "mask": (), "indices": (h.k,), "index_high": (h.index_bits - 16, -(-h.k // 8)),
+              "values": (h.k,), "value_scale": (2,), "tail": ()}
+    return {name: (h.sections[name][0], rows[name], np.dtype(storage[name]), shapes[name])
+            for name in SEQUENCE_SECTIONS if name in h.sections and rows[name]}
+
+
+def _spread(learned: np.ndarray, indices: np.ndarray, values: np.ndarray, tail: np.ndarray, kind: str):
+    """Target rows of the learned positions -> one row per position, empty where not learned."""
+    length, k = len(learned), indices.shape[1]
+    full_indices = np.full((length, k), -1, np.int32)
+    full_values = np.full((length, k), empty_value(kind), np.float32)
+    full_tail = np.full(length, -np.inf, np.float32)
+    full_indices[learned], full_values[learned], full_tail[learned] = indices, values, tail
+    return full_indices, full_values, full_tail
+
+
+def _check_file(handle: io.FileIO, path: Path, entry: dict | None) -> Header:
+    """Size against the manifest entry, header, size against the header, footer."""
+    size = os.fstat(handle.fileno()).st_size
+    if entry is not None and size != entry["bytes"]:
+        raise ShardError(path, f"file has {size} bytes, the manifest says {entry['bytes']}: "
+                               "truncated, extended or replaced after capture")
     try:
-        file = np.memmap(path, dtype=np.uint8, mode="r")
-    except (OSError, ValueError) as e:
-        raise ShardError(path, f"cannot map: {e}") from None
-    if file.size != header.total_size():
-        raise ShardError(path, f"file changed size since it was opened ({file.size} bytes)")
-    tokens, k = header.num_tokens, header.k
-    shapes = {"tokens": (tokens,), "offsets": (header.num_sequences + 1,), "indices": (tokens, k),
-              "index_high": (tokens, max(header.index_bits - 16, 0), -(-k // 8)) if header.index_encoding == "packed"
-              else (0,), "values": (tokens, k), "value_scale": (tokens, 2) if header.value_dtype == "uint8" else (0,),
-              "tail": (tokens,)}
-    dtypes = dict(_SECTION_DTYPES, indices="<u2" if header.index_encoding == "packed" else "<i4",
-                  values=_VALUE_STORAGE[header.value_dtype])
-    arrays = {}
-    for name in SECTIONS:
-        offset, length, _ = header.sections[name]
-        flat = np.frombuffer(file, dtype=dtypes[name], count=length // np.dtype(dtypes[name]).itemsize, offset=offset)
-        arrays[name] = flat.reshape(shapes[name])
-    return _Views(file=file, **arrays)
+        header = Header.unpack(os.pread(handle.fileno(), HEADER_SIZE, 0), path)
+        total = header.total_size()
+        if size != total:
+            state = "truncated" if size < total else "longer than its header says"
+            raise ShardError(path, f"{state}: header describes {total} bytes, file has {size}")
+        footer_total = unpack_footer(os.pread(handle.fileno(), FOOTER_SIZE, total - FOOTER_SIZE), path)
+    except OSError as e:
+        raise ShardError(path, f"cannot read: {e.strerror}") from None
+    if footer_total != total:
+        raise ShardError(path, f"footer records {footer_total} bytes, header describes {total}")
+    return header
 
 
 def _check_header_matches(header: Header, manifest: dict, entry: dict, path: Path) -> None:
     """The header must say what the manifest says, field by field."""
     pairs = {
+        "format_version": (header.version, manifest["format_version"]),
         "vocab_size": (header.vocab_size, manifest["vocab_size"]), "k": (header.k, manifest["k"]),
         "kind": (header.kind, manifest["kind"]), "value_dtype": (header.value_dtype, manifest["value_dtype"]),
         "index_encoding": (header.index_encoding, manifest["index_encoding"]),
@@ -209,6 +350,7 @@ def _check_header_matches(header: Header, manifest: dict, entry: dict, path: Pat
         "capture_temperature": (header.capture_temperature, manifest["capture_temperature"]),
         "first_sequence": (header.first_sequence, entry["first_sequence"]),
         "sequences": (header.num_sequences, entry["sequences"]), "tokens": (header.num_tokens, entry["tokens"]),
+        "learned": (header.num_learned, entry.get("learned", entry["tokens"])),
         "checksum": (f"{header.checksum:016x}", entry["checksum"]),
     }
     for field, (found, expected) in pairs.items():
@@ -218,12 +360,14 @@ def _check_header_matches(header: Header, manifest: dict, entry: dict, path: Pat
 
 # --- manifest ------------------------------------------------------------------------------------
 
-_INT, _NUMBER, _STR = "integer", "number", "string"
+_INT, _NUMBER, _STR, _OBJECT = "integer", "number", "string", "object or null"
 _MANIFEST_FIELDS = {
     "format_version": _INT, "kind": _STR, "vocab_size": _INT, "k": _INT, "value_dtype": _STR,
     "index_dtype": _STR, "index_encoding": _STR, "index_bits": _INT, "capture_temperature": _NUMBER,
-    "num_sequences": _INT, "num_tokens": _INT,
+    "num_sequences": _INT, "num_tokens": _INT, "shard_tokens": _INT,
 }
+_METADATA_FIELDS = {"teacher": _OBJECT, "tokenizer": _OBJECT, "source": _OBJECT, "capture": _OBJECT}
+_MANIFEST_FIELDS_V2 = {"num_learned": _INT, **_METADATA_FIELDS}
 _ENTRY_FIELDS = {"file": _STR, "first_sequence": _INT, "sequences": _INT, "tokens": _INT, "bytes": _INT,
                  "checksum": _STR}
 _CHOICES = {"kind": KINDS, "value_dtype": VALUE_DTYPES, "index_encoding": INDEX_ENCODINGS, "index_dtype": ("int32",)}
@@ -238,15 +382,18 @@ def _short(value) -> str:
 def _is(value, kind: str) -> bool:
     if isinstance(value, bool):
         return False
-    return {_INT: isinstance(value, int), _NUMBER: isinstance(value, (int, float)), _STR: isinstance(value, str)}[kind]
+    return {_INT: isinstance(value, int), _NUMBER: isinstance(value, (int, float)), _STR: isinstance(value, str),
+            _OBJECT: value is None or isinstance(value, dict)}[kind]
 
 
-def _require_fields(obj, fields: dict, path: Path, where: str) -> None:
+def _require_fields(obj, fields: dict, path: Path, where: str, *, optional: bool = False) -> None:
+    """Every field present (unless ``optional``) with its type."""
     if not isinstance(obj, dict):
         raise ShardError(path, f"{where} is not an object")
     for key, kind in fields.items():
-        if not _is(obj.get(key), kind):
-            raise ShardError(path, f"{where}: field {key!r} missing or not a {kind} (got {_short(obj.get(key))})")
+        if (key in obj or not optional) and not (key in obj and _is(obj[key], kind)):
+            got = _short(obj[key]) if key in obj else "nothing"
+            raise ShardError(path, f"{where}: field {key!r} missing or not a {kind} (got {got})")
 
 
 def load_manifest(directory: str | Path) -> dict:
@@ -260,13 +407,20 @@ def load_manifest(directory: str | Path) -> dict:
     manifest = read_json(path)
     if manifest.get("format") != FORMAT_NAME:
         raise ShardError(path, f"format is {_short(manifest.get('format'))}, not {FORMAT_NAME!r}")
-    if manifest.get("format_version") != VERSION:
-        raise ShardError(path, f"unsupported format version {_short(manifest.get('format_version'))} "
-                               f"(this kdfast reads version {VERSION})")
+    version = manifest.get("format_version")
+    if isinstance(version, bool) or version not in VERSIONS:
+        raise ShardError(path, f"unsupported format version {_short(version)} (field format_version; this kdfast "
+                               f"reads versions {VERSIONS})")
     _require_fields(manifest, _MANIFEST_FIELDS, path, "manifest")
+    if version == 1:  # capture wrote these, the v1 Python writer only when given: checked when present
+        _require_fields(manifest, _METADATA_FIELDS, path, "manifest", optional=True)
+    else:
+        _require_fields(manifest, _MANIFEST_FIELDS_V2, path, "manifest")
     for key, choices in _CHOICES.items():
         if manifest[key] not in choices:
             raise ShardError(path, f"{key} is {_short(manifest[key])}, expected one of {choices}")
+    if manifest["shard_tokens"] < 1:
+        raise ShardError(path, f"shard_tokens is {manifest['shard_tokens']}, expected >= 1")
     _check_entries(manifest, path)
     return manifest
 
@@ -286,17 +440,22 @@ def _check_entries(manifest: dict, path: Path) -> None:
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not shards:
         raise ShardError(path, "manifest lists no shards")
-    sequences = tokens = 0
+    entry_fields = _ENTRY_FIELDS if manifest["format_version"] == 1 else {**_ENTRY_FIELDS, "learned": _INT}
+    sequences = tokens = learned = 0
     for index, entry in enumerate(shards):
-        _require_fields(entry, _ENTRY_FIELDS, path, f"shard entry {index}")
+        _require_fields(entry, entry_fields, path, f"shard entry {index}")
         if entry["file"] != shard_name(index) or entry["first_sequence"] != sequences:
             raise ShardError(path, f"shard entry {index} ({_short(entry['file'])}, first sequence "
                                    f"{entry['first_sequence']}) breaks the sequence of shards")
         sequences += entry["sequences"]
         tokens += entry["tokens"]
+        learned += entry.get("learned", entry["tokens"])
     if (sequences, tokens) != (manifest["num_sequences"], manifest["num_tokens"]):
         raise ShardError(path, f"shards hold {sequences} sequences / {tokens} tokens, the manifest totals say "
                                f"{manifest['num_sequences']} / {manifest['num_tokens']}")
+    if learned != manifest.get("num_learned", manifest["num_tokens"]):
+        raise ShardError(path, f"shards hold {learned} learned tokens, the manifest total says "
+                               f"{manifest['num_learned']}")
 
 
 def _check_vocab(manifest: dict, vocab_size: int | None, path: Path) -> None:
@@ -310,19 +469,27 @@ def _check_vocab(manifest: dict, vocab_size: int | None, path: Path) -> None:
 
 
 class ShardSet:
-    """A complete, opened shard dataset with random access by global sequence index."""
+    """A complete, opened shard dataset with random access by global sequence index.
 
-    def __init__(self, path: Path, manifest: dict, shards: list[ShardFile]):
+    ``verify_reads`` (default True): every read checks its checksums (see the module docstring).
+    """
+
+    def __init__(self, path: Path, manifest: dict, shards: list[ShardFile], verify_reads: bool = True):
         self.path = path
         self.manifest = manifest
         self.shards = shards
+        self.verify_reads = verify_reads
         self._starts = np.array([s.header.first_sequence for s in shards], np.int64)
 
     vocab_size = property(lambda self: self.manifest["vocab_size"])
     k = property(lambda self: self.manifest["k"])
     kind = property(lambda self: self.manifest["kind"])
     capture_temperature = property(lambda self: self.manifest["capture_temperature"])
+    format_version = property(lambda self: self.manifest["format_version"])
     num_tokens = property(lambda self: self.manifest["num_tokens"])
+    total_tokens = num_tokens
+    # positions with teacher targets and a label (version 1: every position)
+    learned_tokens = property(lambda self: self.manifest.get("num_learned", self.manifest["num_tokens"]))
 
     def __len__(self) -> int:
         return self.manifest["num_sequences"]
@@ -333,11 +500,11 @@ class ShardSet:
         return sum(entry["bytes"] for entry in self.manifest["shards"])
 
     def read(self, index: int) -> SequenceArrays:
-        """Sequence ``index`` (0 <= index < len(self)), decoded and range-checked."""
+        """Sequence ``index`` (0 <= index < len(self)), decoded and checked; ShardError names file and sequence."""
         if not 0 <= index < len(self):
             raise IndexError(f"sequence {index} out of range for {len(self)} sequences")
         shard = int(np.searchsorted(self._starts, index, side="right")) - 1
-        return self.shards[shard].read(index - int(self._starts[shard]))
+        return self.shards[shard].read(index - int(self._starts[shard]), verify=self.verify_reads)
 
     def verify(self, progress: bool = False) -> None:
         """Check every byte of every shard; raises ShardError at the first problem."""
@@ -345,19 +512,22 @@ class ShardSet:
             shard.verify()
 
 
-def open_shards(path: str | Path, *, vocab_size: int | None = None, verify: bool = False) -> ShardSet:
+def open_shards(path: str | Path, *, vocab_size: int | None = None, verify: bool = False,
+                verify_reads: bool = True) -> ShardSet:
     """Open a complete shard dataset directory in O(number of shards) small reads.
 
     ``vocab_size``: the student's vocabulary size; ShardError unless it equals the teacher's.
-    ``verify``: also check every checksum now (reads all data once), for data that has not been
+    ``verify``: also check every byte now (reads all data once), for data that has not been
     through ``kdfast verify`` since it was copied.
+    ``verify_reads``: check each read's checksums (default; False leaves only the range checks, for
+    measuring their cost or data whose integrity another layer guarantees).
     Raises ShardError naming the file and the problem when anything is missing, damaged or inconsistent.
     """
     directory = Path(path)
     manifest = load_manifest(directory)
     _check_vocab(manifest, vocab_size, directory / MANIFEST)
     shards = [ShardFile.open(directory / entry["file"], manifest=manifest, entry=entry) for entry in manifest["shards"]]
-    opened = ShardSet(directory, manifest, shards)
+    opened = ShardSet(directory, manifest, shards, verify_reads)
     if verify:
         opened.verify()
     return opened

@@ -1,0 +1,1 @@
+"""The "torch" backend: ``kdfast.reference`` behind the backend contract of ``kdfast._contract``."""

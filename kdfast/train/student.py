@@ -1,0 +1,167 @@
+"""The student (a Hugging Face causal LM or any module following the protocol) and ``DistillationModule``,
+the student plus the fused loss in one ``forward``.
+
+Protocol for any other ``nn.Module`` (``student_module = "pkg.mod:factory"`` or ``Trainer(config, model=m)``):
+
+    module(input_ids [B, L] int64) -> hidden [B, L, H]      causal: row i sees tokens 0..i only
+    module.get_output_embeddings() -> a layer with .weight [V, H] (and .bias [V] or None),
+        or module.output_weight [V, H] (and optionally module.output_bias [V])
+    logits = hidden @ weight.T + bias                       nothing applied after the head
+
+Precision: parameters are float32. With ``autocast_dtype`` (bf16 on CUDA) the student's forward runs
+under autocast and the LM head runs in that dtype too: hidden states and a 16-bit copy of the head
+(its gradient flows back to the float32 weight) go to the fused loss, which computes the softmax in
+float32. The explicit cast matters: a Hugging Face model's final norm returns float32 under autocast,
+and the fused loss runs outside autocast, so the head GEMMs would otherwise run in float32.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdfast import hf
+from kdfast.api import fused_linear_kd_loss, kd_loss
+from kdfast.fused_linear import default_chunk_rows
+from kdfast.shards import IGNORE_INDEX
+from kdfast.train.config import TrainConfig
+
+# Options of the held-out divergence D (unweighted, unscaled): the target, not the training weights.
+_EVAL_OPTIONS = ("teacher_kind", "tail", "allow_tail_temperature", "temperature", "backend")
+
+
+def build_student(config: TrainConfig) -> nn.Module:
+    """The student named by the config, in float32, initialised from ``config.seed``."""
+    given = [name for name in ("student", "student_config", "student_module") if getattr(config, name)]
+    if len(given) != 1:
+        raise ValueError("TrainConfig: give exactly one of student, student_config, student_module; "
+                         f"got {given or 'none'}")
+    torch.manual_seed(config.seed)
+    if config.student_module:
+        return _student_from_factory(config.student_module)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if config.student:
+        return AutoModelForCausalLM.from_pretrained(config.student, dtype=torch.float32)
+    values = config.student_config
+    if isinstance(values, str):
+        try:
+            values = json.loads(Path(values).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"student_config {config.student_config}: cannot read a JSON config ({e})") from None
+    values = dict(values)
+    model_type = values.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(f"student_config needs a 'model_type' key (e.g. 'llama'), got keys {sorted(values)}")
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **values), dtype=torch.float32)
+
+
+def _student_from_factory(spec: str) -> nn.Module:
+    module_name, _, attribute = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"student_module {spec!r}: cannot import it ({e}); expected 'pkg.module:factory'") from None
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"student_module {spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def is_hf_causal_lm(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model, "base_model") and hasattr(model, "save_pretrained")
+
+
+def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [V, H], bias [V] or None) of a protocol module's output layer."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        return head.weight, getattr(head, "bias", None)
+    weight = getattr(model, "output_weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(
+            f"{type(model).__name__} exposes no output layer: define get_output_embeddings() or output_weight [V, H]"
+        )
+    return weight, getattr(model, "output_bias", None)
+
+
+def student_vocab(student: nn.Module) -> int:
+    """Rows of the student's output weight (HF models with soft-capped or scaled logits are refused)."""
+    if is_hf_causal_lm(student):
+        hf.check_plain_head(student)
+        return student.get_output_embeddings().weight.shape[0]
+    return output_head(student)[0].shape[0]
+
+
+class DistillationModule(nn.Module):
+    """Student + fused loss in one ``forward``, so that DDP / FSDP2 hooks see the whole computation.
+
+    ``forward(batch, num_items)`` -> (loss, LossComponents) for training; ``forward(batch,
+    evaluate=True)`` -> float64 sums [ce, kd, active tokens, top-1 matches, top-1 rows] for evaluation.
+    ``loss_options`` are ``fused_linear_kd_loss`` keywords; with ``tail`` the batch's ``teacher_tail``
+    (the shards' exact tail log-mass) is passed as well, instead of the mass recomputed from the values.
+    """
+
+    def __init__(self, student: nn.Module, loss_options: dict, autocast_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.student = student
+        self.loss_options = loss_options
+        self.autocast_dtype = autocast_dtype
+        self.hf = is_hf_causal_lm(student)
+
+    def loss_inputs(self, input_ids: torch.Tensor):  # [B, L] -> hidden [B, L, H], weight [V, H], bias [V]
+        """What the fused loss takes: the hidden states and the LM head, in the compute dtype."""
+        with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            if self.hf:
+                hidden, weight, bias = hf.hidden_and_head(self.student, input_ids)
+            else:
+                hidden = self.student(input_ids)
+                weight, bias = output_head(self.student)
+        dtype = self.autocast_dtype or hidden.dtype  # a 16-bit copy of the head; its gradient flows back
+        return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+    def _teacher(self, batch: dict) -> dict[str, torch.Tensor]:
+        names = ("teacher_indices", "teacher_values") + (("teacher_tail",) if self.loss_options["tail"] else ())
+        return {name: batch[name] for name in names}
+
+    def forward(self, batch: dict, num_items: torch.Tensor | None = None, evaluate: bool = False):
+        hidden, weight, bias = self.loss_inputs(batch["input_ids"])
+        if evaluate:
+            with torch.no_grad():
+                return self._eval_sums(hidden, weight, bias, batch)
+        return fused_linear_kd_loss(hidden, weight, batch["labels"], bias=bias, num_items=num_items,
+                                    return_components=True, **self._teacher(batch), **self.loss_options)
+
+    def _eval_sums(self, hidden, weight, bias, batch) -> torch.Tensor:
+        """[ce_sum, kd_sum, active, top1_matches, top1_rows] over the batch, a chunk of logits at a time."""
+        hidden = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
+        labels = batch["labels"].reshape(-1)  # [N]
+        teacher = {name: t.flatten(0, 1) for name, t in self._teacher(batch).items()}  # [N, k] or [N]
+        options = {key: value for key, value in self.loss_options.items() if key in _EVAL_OPTIONS}
+        rows = self.loss_options["chunk_size"] or default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.dtype)
+        sums = torch.zeros(5, dtype=torch.float64, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            chunk = slice(start, min(start + rows, hidden.shape[0]))
+            logits = nn.functional.linear(hidden[chunk], weight, bias)  # [c, V]
+            active = labels[chunk] != IGNORE_INDEX
+            n_active = active.sum()
+            _, parts = kd_loss(logits, labels[chunk], return_components=True, **options,
+                               **{name: t[chunk] for name, t in teacher.items()})
+            teacher_top1 = _teacher_top1(teacher["teacher_indices"][chunk], teacher["teacher_values"][chunk])  # [c]
+            scored = active & (teacher_top1 >= 0)
+            matches = (logits.argmax(-1) == teacher_top1) & scored
+            chunk_sums = [parts.ce * n_active, parts.kd * n_active, n_active, matches.sum(), scored.sum()]
+            sums += torch.stack(chunk_sums).double()
+        return sums
+
+
+def _teacher_top1(indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:  # [N, k] -> [N], -1 = none
+    """The teacher's most likely slot (values are log-probs or probs: both rank the same way)."""
+    scores = values.float().masked_fill(indices < 0, -math.inf)
+    best = indices.gather(-1, scores.argmax(-1, keepdim=True)).squeeze(-1).long()
+    return torch.where((indices >= 0).any(-1), best, torch.full_like(best, -1))
