@@ -17,6 +17,7 @@ import kdfast
 from kdfast.capture import capture
 from kdfast.cli import main
 from kdfast.shards import ShardDataset, ShardError, open_shards
+from tests.kill_support import sigkill_after_shards
 
 REPO = Path(kdfast.__file__).resolve().parent.parent
 VOCAB = 50
@@ -228,14 +229,7 @@ def test_sigkill_mid_capture_then_resume_equals_uninterrupted(tmp_path, monkeypa
     command = [sys.executable, "-m", "kdfast", "capture", "--teacher", "slow_teacher:teacher", "--tokens",
                "tokens.npy", "--out", "out", "--k", "4", "--shard-tokens", "16", "--batch-size", "2", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)])}
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while len(list((tmp_path / "out").glob("*.kds"))) < 3 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
-    assert process.returncode == -signal.SIGKILL, "capture ended before it could be killed"
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    sigkill_after_shards(command, tmp_path, env, shards=3, timeout=60)
     finished = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.kds")}
     assert 3 <= len(finished) < 12
 

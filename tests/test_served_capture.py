@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from kdfast.capture import capture
 from kdfast.cli import main
 from kdfast.served import ServedTeacher
 from kdfast.shards import ShardDataset
+from tests.kill_support import sigkill_after_shards
 from tests.test_served import FakeVLLM, fake, local_logprobs, vllm_server  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,14 +92,7 @@ def test_sigkill_mid_served_capture_then_rerun_equals_uninterrupted(fake, tmp_pa
                "--batch-size", "2", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     fake.delay = 0.05
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while len(list((tmp_path / "out").glob("*.kds"))) < 3 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
-    assert process.returncode == -signal.SIGKILL, "capture ended before it could be killed"
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    sigkill_after_shards(command, tmp_path, env, shards=3, timeout=120)
     fake.delay = 0.0
     resumed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0 and "resuming after" in resumed.stderr, resumed.stderr
