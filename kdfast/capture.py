@@ -110,19 +110,23 @@ class Teacher:
 
 
 def load_teacher(spec, *, device: torch.device, dtype: torch.dtype | None = None, name: str | None = None,
-                 progress: bool = True) -> Teacher:
+                 progress: bool = True, device_map: str | None = None) -> Teacher:
     """A Teacher from a local Hugging Face model directory, a ``"module:attribute"`` callable, or a callable.
 
     Hugging Face models are loaded with ``local_files_only=True`` (never the network), in ``dtype``
     (default: bfloat16 on CUDA, float32 on CPU), on ``device``, in eval mode; ``progress=False``
-    silences transformers' loading bar too.
+    silences transformers' loading bar too. ``device_map`` ("auto", "balanced", "sequential", ...)
+    spreads a Hugging Face model over the visible devices with accelerate's big-model loading
+    instead (layers on each GPU, then CPU memory, as ``from_pretrained(device_map=...)`` places them).
     """
+    if device_map is not None and not (isinstance(spec, (str, Path)) and Path(spec).is_dir()):
+        raise ValueError(f"device_map={device_map!r} needs a local Hugging Face teacher directory, not {spec!r}")
     if callable(spec):
         _check_takes_input_ids(spec, name or _qualified_name(spec))
         return Teacher({"type": "callable", "name": name or _qualified_name(spec)}, lambda: spec)
     spec = str(spec)
     if Path(spec).is_dir():
-        return _hf_teacher(Path(spec), device, dtype, progress)
+        return _hf_teacher(Path(spec), device, dtype, progress, device_map)
     if ":" in spec:
         module, _, attribute = spec.partition(":")
         try:
@@ -159,7 +163,8 @@ def _qualified_name(obj) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
-def _hf_teacher(directory: Path, device: torch.device, dtype: torch.dtype | None, progress: bool) -> Teacher:
+def _hf_teacher(directory: Path, device: torch.device, dtype: torch.dtype | None, progress: bool,
+                device_map: str | None) -> Teacher:
     config_path = directory / "config.json"
     if not config_path.exists():
         raise ValueError(f"teacher directory {directory} has no config.json (not a Hugging Face model)")
@@ -172,12 +177,25 @@ def _hf_teacher(directory: Path, device: torch.device, dtype: torch.dtype | None
     def load() -> Callable:
         from transformers import AutoModelForCausalLM
 
+        placement = {"device_map": _check_device_map(device_map)} if device_map is not None else {}
         with transformers_progress_bars(progress):
-            model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype)
-        model.to(device).eval()
-        return lambda input_ids: model(input_ids=input_ids, use_cache=False).logits
+            model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype, **placement)
+        if device_map is None:
+            model.to(device)
+        model.eval()
+        first = model.get_input_embeddings().weight.device  # where a device-mapped model takes its inputs
+        return lambda input_ids: model(input_ids=input_ids.to(first), use_cache=False).logits
 
     return Teacher(identity, load, vocab)
+
+
+def _check_device_map(device_map: str) -> str:
+    """accelerate does the placement; without it transformers fails deep inside from_pretrained."""
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise ValueError(f"device_map={device_map!r} needs the accelerate package: pip install 'kdfast[hf]'") from None
+    return device_map
 
 
 @contextlib.contextmanager
@@ -356,7 +374,8 @@ def capture(teacher, tokens, out_dir: str | Path, *, k: int = 64, temperature: f
             mode: str = "topk", num_samples: int | None = None, batch_size: int = 8, device: str | None = None,
             dtype: str | None = None, shard_tokens: int = 1 << 20, value_dtype: str = "float16",
             index_encoding: str = "int32", seed: int = 0, teacher_name: str | None = None,
-            tokenizer: str | Path | None = None, progress: bool = True) -> CaptureResult:
+            tokenizer: str | Path | None = None, progress: bool = True,
+            device_map: str | None = None) -> CaptureResult:
     """Capture ``teacher``'s targets for ``tokens`` into the shard directory ``out_dir``.
 
     tokens: an integer array [N, L] (every position learned) or a ``kdfast.sources.DataSource``
@@ -368,6 +387,9 @@ def capture(teacher, tokens, out_dir: str | Path, *, k: int = 64, temperature: f
         device: "auto"/None = CUDA when available.
         dtype: model dtype for Hugging Face teachers ("float32", "bfloat16", "float16"; default
         bfloat16 on CUDA, float32 on CPU); targets are always computed from float32 logits.
+        device_map: a Hugging Face teacher larger than one device, placed by accelerate ("auto",
+        "balanced", "sequential"); ``device`` is then not used for the teacher. Not recorded in the
+        manifest: the placement does not change the targets, so a rerun may use another one.
     k: slots per position; in sampled mode it must hold every distinct sample (k >= min(num_samples,
         V)); num_samples defaults to k. shard_tokens: tokens per shard (rounded up to whole sequences).
     tokenizer: tokenizer directory recorded in the manifest (used by ``kdfast inspect``); default:
@@ -380,11 +402,13 @@ def capture(teacher, tokens, out_dir: str | Path, *, k: int = 64, temperature: f
     num_samples = _check_options(k, temperature, mode, num_samples, batch_size, seed)
     run_device = resolve_device(device)
     if isinstance(teacher, ServedTeacher):
+        if device_map is not None:
+            raise ValueError("device_map is for a local Hugging Face teacher; a served teacher is placed by its server")
         model, vocab = teacher, _check_served(teacher, k, mode, temperature, tokenizer)
     else:
         tokenizer = tokenizer if tokenizer is not None else _tokenizer_beside(teacher)
         model = load_teacher(teacher, device=run_device, dtype=_parse_dtype(dtype), name=teacher_name,
-                             progress=progress)
+                             progress=progress, device_map=device_map)
         probe = min(tokens.shape[1] if source is None else source.max_len, 4)
         vocab = model.vocab_size(torch.zeros((1, probe), dtype=torch.int64, device=run_device))
     _check_fits_teacher_vocab(tokens, k, vocab, mode, num_samples)
@@ -449,9 +473,12 @@ def _parallel_capture(run, out: Path, options: dict) -> CaptureResult:
         final = _on_rank_zero(dist, rank, lambda: ShardWriter(out, **options, resume=True))
         result = None
         if not _broadcast(dist, final.complete if rank == 0 else None):
-            part = {**options, "metadata": {**options["metadata"], "parallel": {"rank": rank, "world_size": world}}}
-            writer = ShardWriter(out / _RANK_DIR.format(rank), **part, resume=True)
-            result = run(writer, sequences=_rank_share(run.keywords["sequences"], options["shard_tokens"], rank, world))
+            share = _rank_share(run.keywords["sequences"], options["shard_tokens"], rank, world)
+            first = next(share, None)  # a rank beyond the last shard has nothing to capture and writes nothing
+            if first is not None:
+                part = {**options, "metadata": {**options["metadata"], "parallel": {"rank": rank, "world_size": world}}}
+                writer = ShardWriter(out / _RANK_DIR.format(rank), **part, resume=True)
+                result = run(writer, sequences=itertools.chain([first], share))
         dist.barrier()
         total = _on_rank_zero(dist, rank, lambda: _merge(final, out, world))
         total = _broadcast(dist, total)
@@ -512,9 +539,10 @@ def _on_rank_zero(dist, rank: int, fn):
 def _merge(final: ShardWriter, out: Path, world: int) -> int:
     """Rank 0: the rank directories' sequences into ``final`` in single-process order; returns their count."""
     if not final.complete:
-        parts = [open_shards(out / _RANK_DIR.format(rank)) for rank in range(world)]
+        parts = [open_shards(out / _RANK_DIR.format(rank)) for rank in range(world)
+                 if (out / _RANK_DIR.format(rank)).exists()]  # ranks past the last shard wrote nothing
         shard = len(final.shards)  # a resumed merge continues after the shards it already wrote
-        while shard // world < len(parts[shard % world].manifest["shards"]):
+        while shard % world < len(parts) and shard // world < len(parts[shard % world].manifest["shards"]):
             part, entry = parts[shard % world], parts[shard % world].manifest["shards"][shard // world]
             for index in range(entry["first_sequence"], entry["first_sequence"] + entry["sequences"]):
                 tokens, indices, values, tail, mask = part.read(index)
@@ -643,7 +671,7 @@ class _CaptureLoop:
         for row, (tokens, mask, index) in enumerate(batch):
             rows = logits[row, :len(tokens)]  # [L, V]
             if mask is not None:
-                rows = rows[torch.from_numpy(np.asarray(mask, bool)).to(self.device)]  # [R, V]: learned only
+                rows = rows[torch.from_numpy(np.asarray(mask, bool)).to(rows.device)]  # [R, V]: learned only
             targets = self._timed("targets", self._targets, rows, index)
             self._timed("write", functools.partial(self.writer.add, mask=mask), tokens, *targets)
 

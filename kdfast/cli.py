@@ -109,6 +109,9 @@ def add_capture_command(subparsers) -> None:
                    help="sequences per teacher forward pass (default 8; lower it if the teacher runs out of memory)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", help="teacher dtype: auto, float32, bfloat16, float16")
+    p.add_argument("--device-map", choices=("auto", "balanced", "balanced_low_0", "sequential"),
+                   help="spread a Hugging Face teacher larger than one device over the GPUs (then CPU memory) "
+                        "with accelerate's big-model loading, instead of --device")
     p.add_argument("--shard-tokens", type=int, default=1 << 20, help="tokens per shard (default 1048576)")
     p.add_argument("--values", choices=("float16", "bfloat16", "uint8"), default="float16",
                    help="stored value type (uint8: compact, topk mode only)")
@@ -153,7 +156,8 @@ def _capture(args):
     result = capture(_teacher(args), tokens, args.out, k=args.k, temperature=args.temperature, mode=args.mode,
                      num_samples=args.samples, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                      shard_tokens=args.shard_tokens, value_dtype=args.values, index_encoding=args.indices,
-                     seed=args.seed, tokenizer=args.tokenizer, progress=not args.no_progress)
+                     seed=args.seed, tokenizer=args.tokenizer, progress=not args.no_progress,
+                     device_map=args.device_map)
     if args.data is not None and result.captured_sequences:
         c = tokens.counts
         print(f"{args.data}: {c.records} records ({c.skipped} bad, skipped), {c.sequences} sequences, "

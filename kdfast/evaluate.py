@@ -365,30 +365,100 @@ def _named(paths) -> dict:
     raise ValueError(f"models: the same directory is given twice ({[str(p) for p in paths]})")
 
 
-def _open_data(paths: dict, vocab_sizes: dict) -> dict:
-    """ShardDatasets by name, after checking every model's vocabulary against every data set's."""
+class SequenceData:
+    """A dataset file (JSONL, Parquet, ``datasets`` directory) read by ``kdfast.sources.DataSource`` as
+    evaluation data: ``{"input_ids" [L], "labels" [L]}`` samples with labels -100 where the next token
+    is not learned (the shards' convention), no teacher targets. The token ids are kept in memory."""
+
+    kind = k = capture_temperature = None
+
+    def __init__(self, path: Path, tokenizer, fields: dict):
+        import numpy as np
+
+        from kdfast.sources import DataSource
+
+        source = DataSource(path, tokenizer, **fields)
+        self.sequences = [(np.asarray(tokens, np.int64), np.asarray(mask, bool)) for tokens, mask in source]
+        if not self.sequences:
+            raise ValueError(f"data {path}: no sequences")
+        self.vocab_size = len(tokenizer)
+        self.learned_tokens = sum(int(mask.sum()) for _, mask in self.sequences)
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, index: int) -> dict:
+        import numpy as np
+        import torch
+
+        tokens, mask = self.sequences[index]
+        labels = np.full(len(tokens), -100, np.int64)
+        labels[:-1] = np.where(mask[:-1], tokens[1:], -100)
+        return {"input_ids": torch.from_numpy(tokens), "labels": torch.from_numpy(labels)}
+
+
+def _is_shard_directory(path: Path) -> bool:
+    return path.is_dir() and (path / "manifest.json").is_file()
+
+
+def _open_data(paths: dict, vocab_sizes: dict, fields: dict | None, tokenizer) -> dict:
+    """Data sets by name: ShardDatasets for shard directories, SequenceData for dataset files (read with
+    ``fields``, the ``kdfast.sources.DataSource`` options, and ``tokenizer``), after checking every
+    model's vocabulary against every data set's."""
     from kdfast.shards import ShardDataset
 
     datasets = {}
     for name, path in paths.items():
-        dataset = ShardDataset(path, shuffle=False)
-        for model_name, vocab in vocab_sizes.items():
-            if vocab != dataset.vocab_size:
-                raise ValueError(f"model {model_name!r} has a vocabulary of {vocab} tokens, but data {path} was "
-                                 f"captured with {dataset.vocab_size}: they do not share a tokenizer")
+        if _is_shard_directory(path):
+            dataset = ShardDataset(path, shuffle=False)
+            mismatch = [(m, v) for m, v in vocab_sizes.items() if v != dataset.vocab_size]
+            what = f"was captured with {dataset.vocab_size}: they do not share a tokenizer"
+        else:
+            if fields is None:
+                raise ValueError(f"data {path} is not a shard directory (no manifest.json); a dataset file needs "
+                                 f"one of --text-field, --prompt-field/--response-field, --messages-field, and "
+                                 f"--max-len")
+            dataset = SequenceData(path, _data_tokenizer(tokenizer, path), fields)
+            mismatch = [(m, v) for m, v in vocab_sizes.items() if v < dataset.vocab_size]
+            what = f"is tokenized with a tokenizer of {dataset.vocab_size} tokens: ids beyond the model's"
+        for model_name, vocab in mismatch:
+            raise ValueError(f"model {model_name!r} has a vocabulary of {vocab} tokens, but data {path} {what}")
         datasets[name] = dataset
     return datasets
 
 
+def _data_tokenizer(tokenizer, path: Path):
+    if tokenizer is None:
+        raise ValueError(f"data {path}: a dataset file needs a tokenizer (--tokenizer DIR, or tokenizer files "
+                         f"in the first model's directory)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"tokenizer {tokenizer}: cannot load it ({e})") from None
+
+
+def _default_tokenizer(models: dict):
+    """The first model directory holding tokenizer files (students are saved with their tokenizer)."""
+    from kdfast.capture import _tokenizer_beside
+
+    return next((found for path in models.values() if (found := _tokenizer_beside(str(path)))), None)
+
+
 def evaluate(models, data, *, ood=(), teacher=None, out_dir=None, device=None, batch_size: int = 8,
              calibration_fraction: float = 0.5, generate_tokens: int = 32, seed: int = 0,
-             progress: bool = True) -> dict:
-    """Evaluate ``models`` (directories, or {name: directory}) on the shard directory ``data``
-    (in-distribution; its calibration split fits T) and the shard directories ``ood``; see the
-    module docstring. ``teacher``: a live teacher model directory compared against instead of the
-    shards' targets (a model that is the teacher is not compared with itself). ``out_dir``: where
-    report.md, report.json, reliability.png and quality_vs_size.png go (None: nothing written).
-    Returns the report (what report.json holds)."""
+             fields: dict | None = None, tokenizer=None, progress: bool = True) -> dict:
+    """Evaluate ``models`` (directories, or {name: directory}) on ``data`` (in-distribution; its
+    calibration split fits T) and ``ood``; see the module docstring. Each data set is a shard
+    directory, or a dataset file read with ``fields`` (``kdfast.sources.DataSource``'s options:
+    ``max_len`` and one of ``text_field``, ``prompt_field`` + ``response_field``, ``messages_field``;
+    optionally ``truncate``, ``skip_bad``) and ``tokenizer`` (a directory; default: the first model's),
+    scored on its learned tokens. ``teacher``: a live teacher model directory compared against
+    instead of the shards' targets (a model that is the teacher is not compared with itself); a
+    dataset file without ``teacher`` has no agreement or KL. ``out_dir``: where report.md,
+    report.json, reliability.png and quality_vs_size.png go (None: nothing written). Returns the
+    report (what report.json holds)."""
     from kdfast._backend import resolve_device
     from kdfast.report import describe_machine
 
@@ -404,7 +474,8 @@ def evaluate(models, data, *, ood=(), teacher=None, out_dir=None, device=None, b
                    for name, path in models.items()}  # bad models and vocabularies fail before any pass
     if teacher is not None:
         vocab_sizes["teacher"] = _vocab_size(causal_lm_config(teacher, what="teacher"), "teacher")
-    datasets = _open_data(data_paths, vocab_sizes)
+    datasets = _open_data(data_paths, vocab_sizes, fields, tokenizer if tokenizer is not None else
+                          _default_tokenizer(models))
     calibration, heldout = calibration_split(len(datasets["in-distribution"]), calibration_fraction, seed)
     run_device = resolve_device(device)
     live = None if teacher is None else load_causal_lm(teacher, device=run_device, what="teacher", progress=progress)
@@ -416,7 +487,8 @@ def evaluate(models, data, *, ood=(), teacher=None, out_dir=None, device=None, b
                      "teacher": None if teacher is None else str(teacher)},
         "data": {name: {"path": str(path), "sequences": len(ds), "learned_tokens": ds.learned_tokens, "kind": ds.kind,
                         "k": ds.k, "capture_temperature": ds.capture_temperature,
-                        "teacher_targets": "shards" if live is None else "live teacher",
+                        "teacher_targets": "live teacher" if live is not None else
+                        "shards" if ds.kind is not None else "none",
                         "calibration_sequences": len(calibration) if name == "in-distribution" else 0}
                  for (name, path), ds in zip(data_paths.items(), datasets.values())},
         "models": {name: _evaluate_model(name, path, datasets, calibration, heldout, live, teacher, run_device,
@@ -432,11 +504,12 @@ def _evaluate_model(name, path, datasets, calibration, heldout, live, teacher, d
                     generate_tokens, progress) -> dict:
     """One model: calibration sequences (kept to fit T), then every held-out sequence, then latency."""
     model = load_causal_lm(path, device=device, what=f"model {name!r}", progress=progress)
-    compare = live is None or Path(path).resolve() != Path(teacher).resolve()
+    is_teacher = live is not None and Path(path).resolve() == Path(teacher).resolve()
     scorer = _Scorer(model, live, device, batch_size, progress, name)
     results = {}
     for data_name, dataset in datasets.items():
         totals = _Totals()
+        compare = not is_teacher and (live is not None or dataset.kind is not None)
         if data_name == "in-distribution":
             logits, labels = scorer.run(dataset, calibration, totals, temperature=1.0, compare=compare,
                                         heldout=False, keep_bytes=_CALIBRATION_BYTES)
@@ -519,10 +592,20 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--teacher", metavar="DIR",
                         help="live teacher model directory for agreement and KL (default: the shards' targets)")
     parser.add_argument("--data", required=True, metavar="PATH",
-                        help="teacher shard directory (kdfast capture): in-distribution data; a calibration "
+                        help="in-distribution data: a teacher shard directory (kdfast capture), or a .jsonl / "
+                             ".parquet / datasets directory read with the field options below; a calibration "
                              "split of it fits each model's temperature")
     parser.add_argument("--data-ood", action="append", default=[], metavar="PATH",
-                        help="out-of-distribution shard directory (repeatable)")
+                        help="out-of-distribution data, the same kinds as --data (repeatable)")
+    parser.add_argument("--text-field", help="dataset file: plain-text field (every token scored)")
+    parser.add_argument("--prompt-field", help="dataset file: prompt field (not scored), with --response-field")
+    parser.add_argument("--response-field", help="dataset file: response field (scored, with its EOS)")
+    parser.add_argument("--messages-field", help="dataset file: {role, content} list rendered with the chat "
+                                                 "template; only assistant turns are scored")
+    parser.add_argument("--max-len", type=int, help="dataset file: longest sequence in tokens")
+    parser.add_argument("--truncate", action="store_true", help="dataset file: cut sequences longer than --max-len")
+    parser.add_argument("--tokenizer", metavar="DIR",
+                        help="dataset file: tokenizer directory (default: the first --model directory holding one)")
     parser.add_argument("--out", required=True, type=Path, help="output directory for report.md / report.json / PNGs")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
@@ -534,11 +617,21 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _fields(args) -> dict | None:
+    """The DataSource options given on the command line (None when none is: shard directories only)."""
+    given = {name: getattr(args, name) for name in ("text_field", "prompt_field", "response_field", "messages_field")
+             if getattr(args, name) is not None}
+    if not given and args.max_len is None:
+        return None
+    return {**given, "max_len": args.max_len, "truncate": args.truncate}
+
+
 def run_eval(args) -> int:
     """``kdfast eval``: evaluate, write the report, print its quality tables."""
     report = evaluate(args.model, args.data, ood=args.data_ood, teacher=args.teacher, out_dir=args.out,
                       device=args.device, batch_size=args.batch_size, calibration_fraction=args.calibration_fraction,
-                      generate_tokens=args.generate_tokens, seed=args.seed, progress=not args.no_progress)
+                      generate_tokens=args.generate_tokens, seed=args.seed, fields=_fields(args),
+                      tokenizer=args.tokenizer, progress=not args.no_progress)
     print(format_report(report))
     print(f"report: {args.out / 'report.md'}")
     return 0

@@ -60,7 +60,7 @@ def export(model, out_dir, *, quantize: str = "none", temperature: float | None 
     quantization_config = _quantization_config(quantize)
     dataset = None
     if data is not None:
-        dataset = _open_data({"data": Path(data)}, {"model": _vocab_size(config, "model")})["data"]
+        dataset = _open_data({"data": Path(data)}, {"model": _vocab_size(config, "model")}, None, None)["data"]
     run_device = resolve_device(device)
 
     partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")

@@ -368,3 +368,25 @@ def test_hf_capture_from_text(tiny_llama, tmp_path):
     assert len(dataset) == len(stream) // 16
     assert dataset[2]["input_ids"].tolist() == stream[32:48]
     assert dataset.manifest["tokenizer"]["path"] == str(tokenizer_dir.resolve())
+
+
+def test_device_map_auto_capture_equals_a_plain_capture(tiny_llama, tmp_path, capsys):
+    """The --device-map path loads and runs the teacher through from_pretrained(device_map=...) and
+    gives the same targets. On a CPU-only machine accelerate places every layer on the CPU: the
+    split over several devices itself needs several GPUs and is not exercised here."""
+    model_dir, tokenizer_dir, _ = tiny_llama
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(1).integers(3, 300, (5, 12)))
+    common = ["--teacher", str(model_dir), "--tokens", str(tmp_path / "tokens.npy"), "--k", "8", "--no-progress"]
+    assert main(["capture", *common, "--out", str(tmp_path / "plain")]) == 0
+    assert main(["capture", *common, "--out", str(tmp_path / "mapped"), "--device-map", "auto"]) == 0
+    capsys.readouterr()
+    plain, mapped = (list(ShardDataset(tmp_path / name, shuffle=False)) for name in ("plain", "mapped"))
+    for a, b in zip(plain, mapped, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_device_map_needs_a_hugging_face_teacher(tmp_path):
+    with pytest.raises(ValueError, match="device_map='auto' needs a local Hugging Face teacher directory"):
+        capture(TableTeacher(), token_array(), tmp_path / "out", k=4, device_map="auto")

@@ -70,6 +70,21 @@ def test_torchrun_capture_with_two_processes_equals_one_process(tmp_path, mode):
     assert json.loads((out / "manifest.json").read_text()) == json.loads((single / "manifest.json").read_text())
 
 
+def test_more_processes_than_shards(tmp_path):
+    """3 ranks, 2 shards: rank 2 has nothing to capture and must neither fail nor write a directory."""
+    tokens = np.random.default_rng(2).integers(0, 64, (5, 6))  # 30 tokens, 20 per shard: 2 shards
+    np.save(tmp_path / "tokens.npy", tokens)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m", "kdfast",
+               *capture_args("topk")]
+    done = subprocess.run(command, cwd=tmp_path, env=environment(tmp_path), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    capture(table_teacher, tokens, tmp_path / "single", k=8, shard_tokens=20, batch_size=2, seed=3,
+            teacher_name="toy_teacher:teacher", progress=False)
+    assert load_manifest(tmp_path / "out") == load_manifest(tmp_path / "single")
+    assert not list((tmp_path / "out").glob(".rank-*"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
