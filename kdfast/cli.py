@@ -2,19 +2,19 @@
 
 Each subcommand is one ``add_<name>_command(subparsers)`` function that registers its parser and
 sets ``func`` (``args -> exit code``); ``COMMANDS`` lists them, so a new subcommand is one function
-plus one entry. The ``run_<name>`` functions call the library (``kdfast.capture``, ``kdfast.shards``,
-``kdfast.train``, ``kdfast.bench``, ``kdfast.demo``, ``kdfast.evaluate``, ``kdfast.export``); no library
-module imports this one.
+plus one entry. The ``run_<name>`` functions call the library (``kdfast.capture``, ``kdfast.generate``,
+``kdfast.shards``, ``kdfast.train``, ``kdfast.bench``, ``kdfast.demo``, ``kdfast.evaluate``, ``kdfast.export``);
+no library module imports this one.
 
 Building the parser imports no torch (the train options come from the torch-free
 ``kdfast.train.config``, the eval and export options from ``kdfast.evaluate`` / ``kdfast.export``, whose
 parser parts import no torch), so ``kdfast --help`` and ``kdfast verify --help`` answer at
-once; each command imports what it needs when it runs. The commands that compute (capture, train,
-bench, demo, eval, export) take ``--threads``: ``main`` sets PyTorch's intra-op threads before running them and
+once; each command imports what it needs when it runs. The commands that compute (capture, generate,
+train, bench, demo, eval, export) take ``--threads``: ``main`` sets PyTorch's intra-op threads before running them and
 prints the choice (``set_threads``). Exit codes: 0 success, 1 damaged or incomplete data
 (ShardError), 2 bad arguments or input (argparse, ValueError, unreadable files) or a non-finite
 training loss (FloatingPointError), 130 a capture
-interrupted by Ctrl-C (rerun the same command to resume).
+or generation interrupted by Ctrl-C (rerun the same command to resume).
 """
 from __future__ import annotations
 
@@ -198,6 +198,70 @@ def _teacher(args):
     from kdfast.served import ServedTeacher
 
     return ServedTeacher(args.teacher_url, args.teacher_model, k=args.k, concurrency=args.batch_size)
+
+
+def add_generate_command(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="let the teacher answer prompts and store its answers as shards",
+                              parents=[threads_option()],
+                              description="The teacher generates responses to prompts; each prompt + response is "
+                                          "stored with the teacher's top-k at every response token (only the "
+                                          "response and its EOS are learned), the texts in responses.jsonl. Rerun "
+                                          "the same command after an interruption to finish. See docs/generate.md.")
+    teacher = p.add_mutually_exclusive_group(required=True)
+    teacher.add_argument("--teacher", help="local Hugging Face model directory (generates with model.generate)")
+    teacher.add_argument("--teacher-url", help="vLLM completions server, e.g. http://127.0.0.1:8000/v1 (its log-probs "
+                                               "of the generated tokens; --batch-size requests in flight)")
+    p.add_argument("--teacher-model", help="with --teacher-url: the served model's name (as its /v1/models lists it)")
+    p.add_argument("--prompts", required=True, help="prompt records: .jsonl, .parquet or a datasets directory")
+    field = p.add_mutually_exclusive_group(required=True)
+    field.add_argument("--prompt-field", help="prompt text field (tokenized with the tokenizer's special tokens)")
+    field.add_argument("--messages-field", help="list of {role, content} with a user turn, rendered by the chat "
+                                                "template with its generation prompt")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the teacher's; required with --teacher-url)")
+    p.add_argument("--out", required=True, help="output directory (created; resumed if interrupted)")
+    p.add_argument("--max-new-tokens", type=int, required=True, help="longest response in tokens")
+    p.add_argument("--samples-per-prompt", type=int, default=1, help="responses per prompt (default 1)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature (default 1.0; 0 = greedy); a local teacher's targets are stored at "
+                        "this temperature (greedy: 1), a served one's at 1")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--k", type=int, default=64, help="slots per learned position (default 64)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per model.generate call or requests in flight "
+                                                             "(default 8)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", help="teacher dtype: auto, float32, bfloat16, float16")
+    p.add_argument("--shard-tokens", type=int, default=1 << 20, help="tokens per shard (default 1048576)")
+    p.add_argument("--values", choices=("float16", "bfloat16", "uint8"), default="float16", help="stored value type")
+    p.add_argument("--indices", choices=("int32", "packed"), default="int32", help="stored index type")
+    p.add_argument("--drop-unfinished", action="store_true",
+                   help="leave out responses that reached --max-new-tokens without EOS")
+    p.add_argument("--filter", metavar="MODULE:FUNCTION",
+                   help="keep a response only when FUNCTION(prompt_record, response_text) returns True")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args) -> int:
+    from kdfast.generate import generate
+
+    try:
+        result = generate(args.prompts, args.out, teacher=_teacher(args), prompt_field=args.prompt_field,
+                          messages_field=args.messages_field, tokenizer=args.tokenizer,
+                          max_new_tokens=args.max_new_tokens, samples_per_prompt=args.samples_per_prompt,
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, k=args.k,
+                          batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                          shard_tokens=args.shard_tokens, value_dtype=args.values, index_encoding=args.indices,
+                          drop_unfinished=args.drop_unfinished, filter=args.filter, progress=not args.no_progress)
+    except KeyboardInterrupt:  # the shards written so far are complete: the rerun continues after them
+        print("\nkdfast generate: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    if result.generated_tokens == 0:
+        print(f"{result.path}: already complete ({result.sequences} sequences)")
+    else:
+        print(f"{result.path}: stored {result.generated_sequences} responses, dropped {result.dropped}; generated "
+              f"{result.generated_tokens} tokens in {result.seconds:.2f} s; texts in {result.responses}")
+    return 0
 
 
 def add_verify_command(subparsers) -> None:
@@ -398,8 +462,9 @@ def run_export(args) -> int:
     return export(args)
 
 
-COMMANDS: list[Callable] = [add_capture_command, add_verify_command, add_inspect_command, add_train_command,
-                            add_bench_command, add_demo_command, add_eval_command, add_export_command]
+COMMANDS: list[Callable] = [add_capture_command, add_generate_command, add_verify_command, add_inspect_command,
+                            add_train_command, add_bench_command, add_demo_command, add_eval_command,
+                            add_export_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

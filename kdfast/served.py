@@ -21,6 +21,12 @@ vLLM computes prompt log-probs from the raw logits (sampling parameters such as 
 not reach them), so a served capture is at temperature 1. A response whose entry count, ids or
 values do not fit the request raises ServerError naming the request: never a wrong row.
 
+Generation (``ServedTeacher.generate``, for ``kdfast generate``): one request per prompt with
+``max_tokens``, the sampling settings, a per-request ``seed``, ``logprobs: k`` and
+``return_tokens_as_token_ids``; vLLM answers ``choices[0].logprobs`` with the generated tokens as
+``token_id:N`` and per token its top-k log-probs (plus the token itself when it is not among them,
+read by ``row_targets`` like a prompt entry), computed from the raw logits of the step that chose it.
+
 Transport: the standard library only (``urllib`` in a thread pool: each request waits on the
 server, not on Python). Timeouts, connection failures, 429 and 5xx are retried ``retries`` times
 with exponential backoff; other HTTP errors fail at once with the server's message.
@@ -35,11 +41,12 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ServedTeacher", "ServerError", "row_targets"]
+__all__ = ["ServedTeacher", "ServerError", "Generated", "row_targets"]
 
 _NEG_INF_SENT = -9999.0  # vLLM's JSON stand-in for a -inf log-prob (clamp_prompt_logprobs)
 _PROBE_LOGPROBS = 1 << 30  # refused by every server; the refusal names its max_logprobs
@@ -47,6 +54,19 @@ _MAX_ALLOWED = re.compile(r"greater than max allowed: (\d+)")
 _OUT_OF_VOCAB = "out of vocabulary"
 _VOCAB_SIZE = re.compile(r"out-of-vocab token ids\. Vocabulary size: (\d+)")
 _TOKENIZER_PROBE = "The quick brown fox jumps over the lazy dog. 0123456789 Ünïcødé 漢字 🙂\n\tx = f(y)"
+
+
+@dataclass
+class Generated:
+    """One generated response: its token ids [R] int32 (the EOS last when ``finish_reason`` is "stop") and,
+    for each of them, the teacher's top-k ids [R, k] int32, log-probs [R, k] float32 and tail [R] float32
+    at the position that chose it; ``finish_reason`` "stop" (EOS) or "length" (max_new_tokens)."""
+
+    ids: np.ndarray
+    indices: np.ndarray
+    values: np.ndarray
+    tail: np.ndarray
+    finish_reason: str
 
 
 class ServerError(OSError):
@@ -129,6 +149,46 @@ class ServedTeacher:
         targets = [row_targets(entries[j + 1], body["prompt"][j + 1], self.k, self.vocab_size,
                                f"{self.url}/completions ({what}, position {j})") for j in range(len(ids))]
         return tuple(np.stack(parts) for parts in zip(*targets))
+
+    # --- generation ------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], seeds: list[int], names: list[str], *, max_new_tokens: int,
+                 temperature: float, top_p: float) -> list[Generated]:
+        """The server's response to each prompt (token ids), with the top-k log-probs of every generated token.
+
+        One completions request per prompt (``logprobs=k``, token ids as ``token_id:N``), sampled at
+        ``temperature`` (0 = greedy) and ``top_p`` with the request's own ``seed``, every other sampling
+        parameter neutral (top_k 0, min_p 0, no penalties) so that the server's generation defaults do
+        not apply. The log-probs are vLLM's default ``raw_logprobs``: the teacher's distribution at
+        temperature 1, whatever the sampling temperature. ``names`` name the requests in errors.
+        """
+        requests = [{"model": self.model, "prompt": ids, "max_tokens": max_new_tokens, "temperature": temperature,
+                     "top_p": top_p, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+                     "frequency_penalty": 0.0, "seed": seed, "logprobs": self.k, "return_tokens_as_token_ids": True}
+                    for ids, seed in zip(prompts, seeds)]
+        return list(self._pool.map(self._generated, requests, names))
+
+    def _generated(self, body: dict, name: str) -> Generated:
+        what = f"{self.url}/completions ({name})"
+        response = self._post("/completions", body, name)
+        try:
+            choice = response["choices"][0]
+            finish_reason, logprobs = choice["finish_reason"], choice.get("logprobs")
+        except (KeyError, IndexError, TypeError):
+            raise ServerError(f"{what}: the response has no choices[0].finish_reason: {str(response)[:200]}") from None
+        if finish_reason not in ("stop", "length"):
+            raise ServerError(f"{what}: finish_reason {finish_reason!r}, expected 'stop' or 'length'")
+        if not (isinstance(logprobs, dict) and isinstance(logprobs.get("tokens"), list) and logprobs["tokens"]
+                and isinstance(logprobs.get("top_logprobs"), list)
+                and len(logprobs["top_logprobs"]) == len(logprobs["tokens"])):
+            raise ServerError(f"{what}: the response has no log-probs of the generated tokens (asked logprobs="
+                              f"{self.k}; is this a vLLM server?): {str(choice)[:200]}")
+        ids = [_token_id(token, what) for token in logprobs["tokens"]]
+        rows = [row_targets({_token_id(token, what): {"logprob": value} for token, value in (entry or {}).items()},
+                            ids[j], self.k, self.vocab_size, f"{what}, generated token {j}")
+                for j, entry in enumerate(logprobs["top_logprobs"])]
+        indices, values, tail = (np.stack(parts) for parts in zip(*rows))
+        return Generated(np.array(ids, np.int32), indices, values, tail, finish_reason)
 
     # --- server checks ---------------------------------------------------------------------------
 
@@ -280,6 +340,13 @@ def _error_message(error: urllib.error.HTTPError) -> str:
         return str(json.loads(body)["error"]["message"])
     except (ValueError, KeyError, TypeError):
         return body[:500]
+
+
+def _token_id(token, what: str) -> int:
+    """The id in a ``token_id:N`` string (vLLM's return_tokens_as_token_ids)."""
+    if not (isinstance(token, str) and token.startswith("token_id:") and token[9:].isdigit()):
+        raise ServerError(f"{what}: expected tokens as 'token_id:N' (return_tokens_as_token_ids), got {token!r:.40}")
+    return int(token[9:])
 
 
 def row_targets(entry, actual: int, k: int, vocab_size: int, what: str):
