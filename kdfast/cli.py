@@ -313,6 +313,8 @@ def run_inspect(args) -> int:
         ("tokens", shards.total_tokens), ("learned", shards.learned_tokens), ("shards", len(m["shards"])),
         ("bytes", shards.nbytes), ("bytes/token", f"{shards.nbytes / shards.total_tokens:.1f}"),
     ]
+    if m.get("generation") is not None:  # written by kdfast generate
+        rows.insert(10, ("generation", m["generation"]))
     for name, value in rows:
         print(f"{name:<12} {_plain(value)}")
     _print_sample(shards, args.sequence, args.position, tokenizer)

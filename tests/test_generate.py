@@ -123,7 +123,7 @@ def assert_targets_equal_forward(sample: dict, logprobs: torch.Tensor, prompt_le
 
 
 @pytest.mark.parametrize("kind", ["prompt", "messages"])
-def test_greedy_responses_equal_model_generate_and_targets_equal_a_forward_pass(teacher_dir, tmp_path, kind):
+def test_greedy_responses_equal_model_generate_and_targets_equal_a_forward_pass(teacher_dir, tmp_path, kind, capsys):
     records = [{"prompt": t, "id": i} for i, t in enumerate(TEXTS)] if kind == "prompt" else \
         [{"messages": c} for c in CONVERSATIONS]
     data = write_jsonl(tmp_path / "prompts.jsonl", records)
@@ -132,6 +132,9 @@ def test_greedy_responses_equal_model_generate_and_targets_equal_a_forward_pass(
                  "--out", str(out), "--max-new-tokens", str(max_new), "--temperature", "0", "--k", str(k),
                  "--batch-size", "3", "--shard-tokens", "40", "--no-progress"]) == 0
     assert main(["verify", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "generation   max_new_tokens 12, temperature 0.0, top_p 1.0, samples_per_prompt 1" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["capture_temperature"] == 1.0 and manifest["generation"]["temperature"] == 0
     assert len(manifest["shards"]) > 1
