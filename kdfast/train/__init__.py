@@ -7,7 +7,8 @@
 One file per job, read in this order:
 
     config.py      TrainConfig: every key, TOML + command line (imports no torch)
-    data.py        shard datasets against the loss options, damaged sequences, collate, micro-batches
+    data.py        shard datasets against the loss options, mixtures, damaged sequences, padded or packed
+                   batches, micro-batches
     student.py     the student (Hugging Face or the nn.Module protocol) + the fused loss: DistillationModule
     optim.py       AdamW and the warmup-cosine schedule
     parallel.py    torchrun process group, device, DDP / FSDP2, gradient sync

@@ -20,6 +20,9 @@ temporary directory, on every rank (the ranks agree after each phase, so none wa
 failed); the checkpoints already published stay valid.
 
 Format 1 (kdfast 0.1: ``model.pt`` / ``optimizer.pt`` full state dicts) still loads.
+
+The final student (``save_student``) is published the same way, with the student directory's
+tokenizer beside it when there is one.
 """
 from __future__ import annotations
 
@@ -126,9 +129,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return state
 
 
-def save_student(path: Path, model: nn.Module, student: nn.Module) -> Path:
+def save_student(path: Path, model: nn.Module, student: nn.Module, tokenizer=None) -> Path:
     """The student into ``path`` (every rank calls this): ``save_pretrained`` for Hugging Face models,
-    else ``model.pt`` (state dict); written to a temporary directory and renamed, like checkpoints."""
+    else ``model.pt`` (state dict), plus ``tokenizer.save_pretrained`` when given; written to a
+    temporary directory and renamed, like checkpoints."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     tmp = path.with_name(f".tmp-{path.name}")
 
@@ -141,6 +145,8 @@ def save_student(path: Path, model: nn.Module, student: nn.Module) -> Path:
                 student.save_pretrained(tmp, state_dict=student_state)
             else:
                 torch.save(student_state, tmp / "model.pt")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
             publish_dir(tmp, path)
 
     try:

@@ -4,8 +4,9 @@
     add_train_arguments(parser); config_from_args(args)       # `kdfast train --config run.toml --lr 1e-3`
 
 The dataclass fields are the schema: their types check TOML and override values (an int is accepted
-for a float, nothing else is converted), their ``help`` metadata is the ``--help`` text, and each
-field is a command-line option ``--name`` (also ``--name-with-dashes``).
+for a float, also inside a list, nothing else is converted), their ``help`` metadata is the ``--help``
+text, and each field is a command-line option ``--name`` (also ``--name-with-dashes``; a list is
+given as a JSON array, e.g. ``--train-weights '[0.7, 0.3]'``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,12 +32,24 @@ def _opt(default, description: str):
     return field(default=default, metadata={"help": description})
 
 
+def _list_opt(description: str):
+    """A list-valued key whose default is the empty list."""
+    return field(default_factory=list, metadata={"help": description})
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a run; a TOML file holds these keys at top level (``student_config`` may be a table)."""
 
     # data
-    train_shards: str = _opt("", "training shard directory (required)")
+    train_shards: str | list[str] = _opt("", "training shard directory, or a list of them mixed by train_weights "
+                                              "(required)")
+    train_weights: list[float] = _list_opt("sampling weights of the train_shards directories "
+                                           "([] = in proportion to their sizes)")
+    packing: bool = _opt(False, "lay each micro-batch's sequences into as few rows as fit (attention isolated per "
+                                "sequence by position_ids; Hugging Face students)")
+    pack_length: int = _opt(0, "packing: row length, at least the micro-batch's longest sequence "
+                               "(0 = that longest sequence)")
     eval_shards: str = _opt("", "held-out shard directory ('' = no evaluation)")
     skip_damaged: bool = _opt(False, "skip (and count) sequences whose shard data fails its checks instead of stopping")
     run_dir: str = _opt("runs/kdfast", "output directory: checkpoints, metrics, summary, plot, final model")
@@ -82,7 +97,7 @@ class TrainConfig:
     def __post_init__(self):
         positive = ("max_steps", "micro_batch_size", "grad_accum_steps", "keep_checkpoints")
         non_negative = ("warmup_steps", "eval_every", "eval_sequences", "eval_batch_size", "log_every", "save_every",
-                        "num_workers", "chunk_size", "seed", "max_grad_norm", "weight_decay")
+                        "num_workers", "chunk_size", "seed", "max_grad_norm", "weight_decay", "pack_length")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}")
@@ -91,33 +106,70 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig: {name} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1):
             raise ValueError(f"TrainConfig: need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, {self.min_lr_ratio}")
-        if not self.train_shards:
-            raise ValueError("TrainConfig: train_shards is required")
+        if not self.train_shards or not all(self.train_dirs):
+            raise ValueError(f"TrainConfig: train_shards needs one or more non-empty directories, got "
+                             f"{self.train_shards!r}")
+        self._check_train_weights()
+
+    @property
+    def train_dirs(self) -> list[str]:
+        """The training shard directories: ``train_shards`` as a list."""
+        return [self.train_shards] if isinstance(self.train_shards, str) else list(self.train_shards)
+
+    def _check_train_weights(self) -> None:
+        weights = self.train_weights
+        if weights and len(weights) != len(self.train_dirs):
+            raise ValueError(f"TrainConfig: train_weights has {len(weights)} entries for {len(self.train_dirs)} "
+                             "train_shards directories; give one weight per directory (or none)")
+        if not all(math.isfinite(w) and w > 0 for w in weights):
+            raise ValueError(f"TrainConfig: train_weights must be finite numbers > 0, got {weights}")
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
         """A config from plain values (TOML or overrides); unknown keys and wrong types raise ValueError."""
-        types = typing.get_type_hints(cls)
-        unknown = [key for key in values if key not in types]
+        kinds = typing.get_type_hints(cls)
+        unknown = [key for key in values if key not in kinds]
         if unknown:
-            hints = {key: "".join(f" (did you mean {m!r}?)" for m in difflib.get_close_matches(key, types, 1))
+            hints = {key: "".join(f" (did you mean {m!r}?)" for m in difflib.get_close_matches(key, kinds, 1))
                      for key in unknown}
             raise ValueError(f"TrainConfig: unknown key(s) {', '.join(f'{k!r}{hint}' for k, hint in hints.items())}")
-        return cls(**{key: _checked(key, value, types[key]) for key, value in values.items()})
+        return cls(**{key: _checked(key, value, kinds[key]) for key, value in values.items()})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+_MISMATCH = object()
+
+
 def _checked(name: str, value, kind):
-    """``value`` if its type is the field's (``dict | str`` allows either); an int is taken as a float."""
-    allowed = typing.get_args(kind) or (kind,)
-    if float in allowed and type(value) is int:
+    """``value`` if its type is the field's (``dict | str`` allows either, ``list[float]`` a list of numbers);
+    an int is taken as a float."""
+    allowed = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    for alternative in allowed:
+        converted = _as_type(value, alternative)
+        if converted is not _MISMATCH:
+            return converted
+    raise ValueError(f"TrainConfig: {name} must be {' or '.join(map(_type_name, allowed))}, "
+                     f"got {type(value).__name__} {value!r}")
+
+
+def _as_type(value, kind):
+    """``value`` as ``kind`` (exact types: True is not an int; an int is a float), else ``_MISMATCH``."""
+    if typing.get_origin(kind) is list:
+        if type(value) is not list:
+            return _MISMATCH
+        items = [_as_type(item, typing.get_args(kind)[0]) for item in value]
+        return _MISMATCH if any(item is _MISMATCH for item in items) else items
+    if kind is float and type(value) is int:
         return float(value)
-    if type(value) not in allowed:  # exact types: True is not an int
-        raise ValueError(f"TrainConfig: {name} must be {' or '.join(t.__name__ for t in allowed)}, "
-                         f"got {type(value).__name__} {value!r}")
-    return value
+    return value if type(value) is kind else _MISMATCH
+
+
+def _type_name(kind) -> str:
+    if typing.get_origin(kind) is list:
+        return f"a list of {typing.get_args(kind)[0].__name__}"
+    return kind.__name__
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
@@ -149,16 +201,31 @@ def _parse_table_or_text(text: str) -> dict | str:
     return json.loads(text) if text.lstrip().startswith("{") else text
 
 
+def _parse_list_or_text(text: str) -> list | str:
+    """``train_shards``: a JSON array of paths on the command line, else one path."""
+    return json.loads(text) if text.lstrip().startswith("[") else text
+
+
+def _parse_list(text: str) -> list:
+    """``train_weights``: a JSON array of numbers."""
+    values = json.loads(text)
+    if type(values) is not list:
+        raise ValueError(f"not a JSON array: {text!r}")  # argparse reports it as a usage error
+    return values
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """``--config`` plus ``--<field>`` (and ``--<field-with-dashes>``) for every TrainConfig field."""
     parser.add_argument("--config", help="TOML file of TrainConfig keys; command-line options override it")
-    types = typing.get_type_hints(TrainConfig)
-    parsers = {bool: _parse_bool, int: int, float: float, str: str, dict | str: _parse_table_or_text}
+    hints = typing.get_type_hints(TrainConfig)
+    parsers = {bool: _parse_bool, int: int, float: float, str: str, dict | str: _parse_table_or_text,
+               str | list[str]: _parse_list_or_text, list[float]: _parse_list}
     for f in fields(TrainConfig):
         names = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])
-        flag = dict(nargs="?", const=True, metavar="BOOL") if types[f.name] is bool else {}  # bare --resume
-        parser.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, type=parsers[types[f.name]],
-                            help=f"{f.metadata['help']} (default: {f.default!r})", **flag)
+        flag = dict(nargs="?", const=True, metavar="BOOL") if hints[f.name] is bool else {}  # bare --resume
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        parser.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, type=parsers[hints[f.name]],
+                            help=f"{f.metadata['help']} (default: {default!r})", **flag)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

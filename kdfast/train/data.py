@@ -1,9 +1,29 @@
-"""Training data: shard datasets checked against the loss options, the policy on damaged sequences,
-batching and the endless micro-batch order.
+"""Training data: shard datasets checked against the loss options, mixtures of several directories,
+the policy on damaged sequences, batching (padded or packed) and the endless micro-batch order.
 
 Order. Each rank reads ``ShardDataset(rank, world_size)``: epoch e is a permutation of the sequences
 that is a pure function of (seed, e), and rank r takes its entries r, r + W, r + 2W, ...
 ``MicroBatchSampler`` cuts that order into micro-batches that run across epoch boundaries.
+
+Mixtures (``train_shards = [a, b, ...]`` with ``train_weights``). ``ShardMixture`` numbers the
+sequences of all directories one after the other, and ``MixtureSampler`` orders them. An epoch has
+E = N_0 + N_1 + ... samples (N_i: the sequences of directory i), of which directory i supplies
+exactly c_i, its weight's share of E rounded by largest remainder (without weights c_i = N_i, so an
+epoch reads every sequence once). Which directory each of the E slots of epoch e reads is
+``default_rng([seed, e]).permutation`` of the c_0 zeros, c_1 ones, ...; directory i's slots read, in
+order, the entries [e * c_i, (e + 1) * c_i) of its own endless stream, whose pass q is
+``default_rng([seed, q, i + 1]).permutation(N_i)``: a directory whose share exceeds its size repeats
+its sequences, one below it reaches every sequence over several epochs. The order is a pure function
+of (seed, epoch), cut and dealt out to the ranks like a single directory's, so the consumed count is
+still the whole data position.
+
+Batches. ``collate`` right-pads each sequence into its own row. ``pack`` lays the same sequences
+into as few rows as fit ``max(pack_length, longest sequence)`` positions (first-fit decreasing),
+with ``position_ids`` restarting at 0 for each sequence: a Hugging Face model isolates the sequences
+of a row by them (``kdfast.train.student.check_packing_isolates``). Each sequence's labels end with
+-100 (its last position has no next token in the sequence), so no position learns the first token
+of the sequence after it, and the loss is the padded batch's up to float rounding. Both record the
+sequences' own tokens (``num_tokens``) next to the tensors, for the padding fraction.
 
 Damaged data. ``ShardDataset`` verifies what it reads and raises ``ShardError`` naming the file, the
 section and the sequence. ``CatchDamaged`` catches it where the read happens (a DataLoader worker,
@@ -18,6 +38,7 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,18 +53,51 @@ PAD = {"input_ids": 0, "labels": IGNORE_INDEX, "teacher_indices": -1, "teacher_v
 
 
 def collate(samples: list[dict]) -> dict:
-    """Right-pad ShardDataset samples into [B, L] / [B, L, k] tensors; ``damaged`` lists the ShardErrors
-    of the samples ``CatchDamaged`` replaced."""
-    batch = {name: nn.utils.rnn.pad_sequence([s[name] for s in samples], batch_first=True, padding_value=pad)
-             for name, pad in PAD.items()}
-    batch["damaged"] = [s["damaged"] for s in samples if "damaged" in s]
-    return batch
+    """Right-pad ShardDataset samples into [B, L] / [B, L, k] tensors, one sequence per row; ``damaged``
+    lists the ShardErrors of the samples ``CatchDamaged`` replaced, ``num_tokens`` counts the others' tokens."""
+    return {**_right_pad(samples), **_batch_info(samples)}
+
+
+def pack(samples: list[dict], pack_length: int = 0) -> dict:
+    """The samples laid into rows of at most ``max(pack_length, longest sample)`` positions (first-fit
+    decreasing), right-padded to the fullest row; ``position_ids`` [R, L] restart at 0 for each sample
+    (and for the padding). ``damaged`` and ``num_tokens`` as in ``collate``."""
+    lengths = [len(s["input_ids"]) for s in samples]
+    rows = pack_rows(lengths, max(pack_length, *lengths))
+    joined = [{name: torch.cat([samples[i][name] for i in row]) for name in PAD} for row in rows]
+    positions = [torch.cat([torch.arange(lengths[i]) for i in row]) for row in rows]
+    batch = _right_pad(joined)
+    batch["position_ids"] = nn.utils.rnn.pad_sequence(positions, batch_first=True, padding_value=0)
+    return {**batch, **_batch_info(samples)}
+
+
+def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:
+    """First-fit decreasing: sample indices per row, longest first, each into the first row with room."""
+    rows, room = [], []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[index]), len(rows))
+        if row == len(rows):
+            rows.append([])
+            room.append(row_length)
+        rows[row].append(index)
+        room[row] -= lengths[index]
+    return rows
+
+
+def _right_pad(rows: list[dict]) -> dict:
+    return {name: nn.utils.rnn.pad_sequence([r[name] for r in rows], batch_first=True, padding_value=pad)
+            for name, pad in PAD.items()}
+
+
+def _batch_info(samples: list[dict]) -> dict:
+    return {"damaged": [s["damaged"] for s in samples if "damaged" in s],
+            "num_tokens": sum(len(s["input_ids"]) for s in samples if "damaged" not in s)}
 
 
 class CatchDamaged(torch.utils.data.Dataset):
     """``dataset[i]``, or an empty sample whose ``damaged`` entry is the ShardError reading sequence i raised."""
 
-    def __init__(self, dataset: ShardDataset):
+    def __init__(self, dataset: ShardDataset | ShardMixture):
         self.dataset = dataset
 
     def __len__(self) -> int:
@@ -89,7 +143,122 @@ class MicroBatchSampler(torch.utils.data.Sampler):
                     batch = []
 
 
-def check_teacher_targets(config: TrainConfig, train: ShardDataset, held_out: ShardDataset | None) -> float:
+# Manifest fields that mixed directories must share: what the loss and the batches depend on.
+SHARED_TARGET_FIELDS = ("kind", "vocab_size", "k", "capture_temperature")
+
+
+def open_train_data(config: TrainConfig, rank: int, world_size: int,
+                    vocab_size: int) -> ShardDataset | ShardMixture:
+    """``train_shards``: one directory as a ShardDataset, several as a ShardMixture."""
+    if len(config.train_dirs) == 1:
+        return ShardDataset(config.train_dirs[0], seed=config.seed, rank=rank, world_size=world_size,
+                            vocab_size=vocab_size)
+    parts = [ShardDataset(path, shuffle=False, vocab_size=vocab_size) for path in config.train_dirs]
+    return ShardMixture(parts, config.train_dirs, config.train_weights, seed=config.seed, rank=rank,
+                        world_size=world_size)
+
+
+class ShardMixture(torch.utils.data.Dataset):
+    """Several shard directories as one dataset: sequence ``offset_i + j`` is sequence j of directory i
+    (offsets: the running sum of their sizes), ordered by a ``MixtureSampler`` (``.sampler``).
+
+    The directories must agree on ``SHARED_TARGET_FIELDS`` (ValueError naming the field and both
+    directories otherwise); ``weights`` are relative sampling weights ([] = in proportion to their sizes).
+    """
+
+    def __init__(self, parts: list[ShardDataset], paths: list[str], weights: list[float], *, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        check_same_targets(parts, paths)
+        self.parts, self.paths = parts, paths
+        sizes = [len(part) for part in parts]
+        self.sampler = MixtureSampler(sizes, epoch_quotas(sizes, weights), seed=seed, rank=rank,
+                                      world_size=world_size)
+        self.offsets = self.sampler.offsets
+
+    kind = property(lambda self: self.parts[0].kind)
+    k = property(lambda self: self.parts[0].k)
+    vocab_size = property(lambda self: self.parts[0].vocab_size)
+    capture_temperature = property(lambda self: self.parts[0].capture_temperature)
+    index_dtype = property(lambda self: self.parts[0].index_dtype)
+    values_dtype = property(lambda self: self.parts[0].values_dtype)
+    learned_tokens = property(lambda self: sum(part.learned_tokens for part in self.parts))
+    total_tokens = property(lambda self: sum(part.total_tokens for part in self.parts))
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.parts[part][int(index - self.offsets[part])]
+
+
+def check_same_targets(parts: list[ShardDataset], paths: list[str]) -> None:
+    """Mixed directories hold the same kind of targets for the same vocabulary (``SHARED_TARGET_FIELDS``)."""
+    first = parts[0].manifest
+    for part, path in zip(parts[1:], paths[1:]):
+        for key in SHARED_TARGET_FIELDS:
+            if part.manifest[key] != first[key]:
+                raise ValueError(f"train_shards: {path} has {key} = {part.manifest[key]!r} but {paths[0]} has "
+                                 f"{first[key]!r}; mixed directories must agree on {', '.join(SHARED_TARGET_FIELDS)}")
+        tokenizers = [(m.get("tokenizer") or {}).get("fingerprint") for m in (first, part.manifest)]
+        if None not in tokenizers and tokenizers[0] != tokenizers[1]:
+            log.warning("train_shards: %s and %s were captured with different tokenizer files (same vocabulary "
+                        "size); check that they are one tokenizer", paths[0], path)
+
+
+def epoch_quotas(sizes: list[int], weights: list[float]) -> list[int]:
+    """Samples of each directory in an epoch of sum(sizes) samples: its weight's share, rounded by largest
+    remainder (ties to the earlier directory); without weights, its size."""
+    if not weights:
+        return list(sizes)
+    total = sum(sizes)
+    shares = np.asarray(weights, np.float64) / sum(weights) * total
+    quotas = np.floor(shares).astype(np.int64)
+    quotas[np.argsort(quotas - shares, kind="stable")[: total - int(quotas.sum())]] += 1
+    if not quotas.all():
+        empty = int(np.argmin(quotas))
+        raise ValueError(f"train_weights: weight {weights[empty]} of directory {empty} gives it no sample in an "
+                         f"epoch of {total} samples; raise it or leave the directory out")
+    return quotas.tolist()
+
+
+class MixtureSampler(ShardSampler):
+    """This rank's ids into a ShardMixture, epoch after epoch (the order is in the module docstring).
+
+    ``quotas[i]`` samples of directory i per epoch; the epoch length is their sum. Cutting, rank
+    slicing and resuming from ``consumed`` are ShardSampler's.
+    """
+
+    def __init__(self, sizes: list[int], quotas: list[int], *, seed: int, rank: int = 0, world_size: int = 1,
+                 consumed: int = 0):
+        self.sizes, self.quotas = sizes, quotas
+        self.offsets = np.cumsum([0] + sizes[:-1])
+        super().__init__(sum(quotas), seed=seed, rank=rank, world_size=world_size, consumed=consumed)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """[per_rank] int64: the mixture ids this rank reads in ``epoch``, in order."""
+        return self.epoch_ids(epoch)[self.rank:self.per_rank * self.world_size:self.world_size]
+
+    def epoch_ids(self, epoch: int) -> np.ndarray:
+        """[E] int64: the mixture ids of the whole epoch (all ranks), before cutting."""
+        sources = np.random.default_rng([self.seed, epoch]).permutation(
+            np.repeat(np.arange(len(self.sizes)), self.quotas))
+        ids = np.empty(len(sources), np.int64)
+        for part, quota in enumerate(self.quotas):
+            ids[sources == part] = self.offsets[part] + self.stream(part, epoch * quota, quota)
+        return ids
+
+    def stream(self, part: int, start: int, count: int) -> np.ndarray:
+        """Entries [start, start + count) of directory ``part``'s endless stream of passes."""
+        size = self.sizes[part]
+        passes = range(start // size, (start + count - 1) // size + 1)
+        ids = np.concatenate([np.random.default_rng([self.seed, q, part + 1]).permutation(size) for q in passes])
+        begin = start - passes[0] * size
+        return ids[begin:begin + count]
+
+
+def check_teacher_targets(config: TrainConfig, train: ShardDataset | ShardMixture,
+                          held_out: ShardDataset | None) -> float:
     """Loss options against the shard manifests; returns the factor applied to the teacher values.
 
     ``tail = true`` (the missing-mass bucket, from the shards' exact tail) is exact only when the

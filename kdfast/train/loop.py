@@ -9,6 +9,10 @@ accumulation) trains on exactly the same samples in every step and micro-batch, 
 the W-rank run's up to float rounding. That equality spans epochs when the number of sequences is a
 multiple of W (otherwise the < W left-over sequences of each epoch, which ranks skip, differ).
 
+Packing (``packing = true``) changes the layout of a micro-batch, not its sequences (see
+``kdfast.train.data``): the order, the data position and the loss normalisation are those of the
+padded batches, so the losses and gradients equal theirs up to float rounding.
+
 Loss normalisation. Before the first micro-batch of a step the trainer counts the active tokens
 (label != -100) of all its micro-batches, sums that count over ranks with one all_reduce and gives it
 to every micro-batch as ``num_items``; each micro-batch's loss is then its share of the mean over the
@@ -27,9 +31,13 @@ rows at a time from the hidden states: at most one chunk of logits exists at onc
 
 Signals. SIGINT / SIGTERM set a flag; the trainer finishes the current step, saves a checkpoint and
 returns (status "interrupted"). A second signal stops at once.
+
+A finished run (summary.json "completed" at the newest checkpoint's step, which is >= max_steps) is
+left as it is by ``train()`` with ``resume``: it says so and returns that summary.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -51,11 +59,13 @@ from kdfast.report import plot_curves, read_metrics
 from kdfast.shards import IGNORE_INDEX, ShardDataset
 from kdfast.train import checkpoint
 from kdfast.train.config import OPERATIONAL_KEYS, TrainConfig
-from kdfast.train.data import CatchDamaged, MicroBatchSampler, apply_damage_policy, check_teacher_targets, collate
+from kdfast.train.data import (CatchDamaged, MicroBatchSampler, apply_damage_policy, check_teacher_targets, collate,
+                               open_train_data, pack)
 from kdfast.train.optim import build_optimizer
 from kdfast._backend import resolve_device
 from kdfast.train.parallel import barrier, gradient_sync, init_distributed, sum_over_ranks, wrap
-from kdfast.train.student import DistillationModule, build_student, student_vocab
+from kdfast.train.student import (DistillationModule, build_student, check_packing_isolates, student_tokenizer,
+                                  student_vocab)
 
 log = logging.getLogger("kdfast.train")
 
@@ -80,16 +90,20 @@ class Trainer:
         _seed_everything(config.seed)
 
         self.student = model if model is not None else build_student(config)
+        self.tokenizer = student_tokenizer(config)
+        self.num_parameters = sum(p.numel() for p in self.student.parameters())
         vocab = student_vocab(self.student)
-        self.train_data = ShardDataset(config.train_shards, seed=config.seed, rank=self.rank,
-                                       world_size=self.world_size, vocab_size=vocab)
+        self.train_data = open_train_data(config, self.rank, self.world_size, vocab)
         self.eval_data = (ShardDataset(config.eval_shards, shuffle=False, rank=self.rank, world_size=self.world_size,
                                        vocab_size=vocab) if config.eval_shards else None)
         self.value_scale = check_teacher_targets(config, self.train_data, self.eval_data)
 
-        autocast = torch.bfloat16 if config.bf16 and self.device.type == "cuda" else None
-        module = DistillationModule(self.student, self._loss_options(), autocast_dtype=autocast)
-        self.model = wrap(module.to(self.device), self.device, config.fsdp)
+        self.autocast_dtype = torch.bfloat16 if config.bf16 and self.device.type == "cuda" else None
+        module = DistillationModule(self.student, self._loss_options(), autocast_dtype=self.autocast_dtype)
+        module.to(self.device)
+        if config.packing:
+            check_packing_isolates(self.student)
+        self.model = wrap(module, self.device, config.fsdp)
         self.optimizer, self.scheduler = build_optimizer(module, config)
 
         self.step = 0
@@ -102,7 +116,7 @@ class Trainer:
         self._prepare_run_dir()
         self.train_data.sampler.set_consumed(self.consumed // self.world_size)
         self._batches = iter(torch.utils.data.DataLoader(
-            CatchDamaged(self.train_data), collate_fn=collate, num_workers=config.num_workers,
+            CatchDamaged(self.train_data), collate_fn=self._batch_layout(), num_workers=config.num_workers,
             batch_sampler=MicroBatchSampler(self.train_data.sampler, config.micro_batch_size),
             pin_memory=self.device.type == "cuda",
         ))
@@ -114,6 +128,10 @@ class Trainer:
         """Sequences per optimizer step over all ranks."""
         return self.config.micro_batch_size * self.config.grad_accum_steps * self.world_size
 
+    def _batch_layout(self):
+        """The collate function of training batches: padded rows, or packed ones (``packing``)."""
+        return functools.partial(pack, pack_length=self.config.pack_length) if self.config.packing else collate
+
     def _loss_options(self) -> dict:
         """``fused_linear_kd_loss`` options (forward KL; the teacher kind comes from the manifest)."""
         config = self.config
@@ -123,7 +141,8 @@ class Trainer:
                     chunk_size=config.chunk_size or None, backend=config.loss_backend or None, **tail)
 
     def _prepare_run_dir(self) -> None:
-        """Resume from the newest checkpoint, or start fresh in a directory without checkpoints."""
+        """Resume from the newest checkpoint, or start fresh in a directory without checkpoints; a finished
+        run's directory is left as it is (``self.finished``: its summary)."""
         checkpoints = checkpoint.list_checkpoints(self.run_dir)
         if checkpoints and not self.config.resume:
             raise ValueError(f"run_dir {self.run_dir} already holds checkpoints (newest {checkpoints[-1].name}); "
@@ -132,7 +151,8 @@ class Trainer:
             self._load_checkpoint(checkpoints[-1])
         elif self.config.resume:
             log.info("resume: no checkpoint in %s, starting a fresh run", self.run_dir)
-        if self.rank == 0:
+        self.finished = self._finished_summary()
+        if self.rank == 0 and self.finished is None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1) + "\n")
             kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= self.step]
@@ -142,30 +162,48 @@ class Trainer:
     # --- training --------------------------------------------------------------------------------
 
     def _to_device(self, batch: dict) -> tuple[dict, int]:
-        """``batch`` on the device, and how many of its sequences were skipped as damaged."""
+        """``batch``'s tensors on the device, and how many of its sequences were skipped as damaged."""
         damaged = apply_damage_policy(batch.pop("damaged"), skip=self.config.skip_damaged)
-        batch = {name: t.to(self.device, non_blocking=True) for name, t in batch.items()}
+        batch = {name: t.to(self.device, non_blocking=True) for name, t in batch.items() if name != "num_tokens"}
         if self.value_scale != 1.0:
             batch["teacher_values"] = batch["teacher_values"] * self.value_scale
         return batch, damaged
 
-    def train_step(self, stop: StopRequest | None = None) -> dict:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; returns its global statistics
-        (loss, ce, kd, lr, grad_norm, tokens, damaged, and whether any rank was asked to stop)."""
-        started = time.perf_counter()
+    def _next_micro_batch(self) -> tuple[dict, torch.Tensor]:
+        """The next training micro-batch on the device, and its [damaged, sequence tokens, positions]."""
+        batch = next(self._batches)
+        tokens, positions = batch["num_tokens"], batch["input_ids"].numel()
+        batch, damaged = self._to_device(batch)
+        return batch, torch.tensor([damaged, tokens, positions], dtype=torch.float64)
+
+    def accumulate_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward over the next step's ``grad_accum_steps`` micro-batches: the gradients are
+        in the parameters' ``.grad`` (the optimizer does not step; ``train_step`` does). Returns the
+        global number of learned tokens (the loss divisor) and this rank's float64 sums [loss, ce * n,
+        kd * n, damaged sequences, sequence tokens, positions]."""
         self.model.train()
-        batches, damaged = zip(*(self._to_device(next(self._batches)) for _ in range(self.config.grad_accum_steps)))
+        batches, counts = zip(*(self._next_micro_batch() for _ in range(self.config.grad_accum_steps)))
         num_items = sum_over_ranks(sum(_active(b) for b in batches).double()).clamp(min=1)
-        sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # loss, ce * n, kd * n, damaged, stop
+        sums = torch.zeros(6, dtype=torch.float64, device=self.device)
         for i, batch in enumerate(batches):
             with gradient_sync(self.model, enabled=i == len(batches) - 1):
                 loss, parts = self.model(batch, num_items=num_items)
                 (loss * self.world_size).backward()
             sums[:3] += torch.stack([loss.detach(), parts.ce * _active(batch), parts.kd * _active(batch)]).double()
-        sums[3:] = torch.tensor([sum(damaged), float(stop is not None and stop.requested)])
+        sums[3:] = sum(counts)
+        return num_items, sums
+
+    def train_step(self, stop: StopRequest | None = None) -> dict:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns its global statistics
+        (loss, ce, kd, lr, grad_norm, learned tokens, sequence tokens, positions, damaged, and whether any
+        rank was asked to stop)."""
+        started = time.perf_counter()
+        num_items, sums = self.accumulate_gradients()
+        sums = torch.cat([sums, torch.tensor([float(stop is not None and stop.requested)], dtype=torch.float64,
+                                             device=self.device)])
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm or math.inf)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        loss_sum, ce_sum, kd_sum, damaged, stops = sum_over_ranks(sums).tolist()
+        loss_sum, ce_sum, kd_sum, damaged, sequence_tokens, positions, stops = sum_over_ranks(sums).tolist()
         self._check_finite(loss_sum, grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -178,7 +216,8 @@ class Trainer:
         self.damaged += int(damaged)
         self.elapsed += time.perf_counter() - started
         return {"loss": loss_sum, "ce": ce_sum / tokens, "kd": kd_sum / tokens, "lr": lr, "grad_norm": grad_norm,
-                "tokens": tokens, "damaged": int(damaged), "stop": stops > 0}
+                "tokens": tokens, "sequence_tokens": int(sequence_tokens), "positions": int(positions),
+                "damaged": int(damaged), "stop": stops > 0}
 
     def _check_finite(self, loss: float, grad_norm: float) -> None:
         if math.isfinite(loss) and math.isfinite(grad_norm):
@@ -191,8 +230,14 @@ class Trainer:
             "checkpoint with a lower lr or a smaller max_grad_norm")
 
     def train(self) -> dict:
-        """Train to ``max_steps`` (or to SIGINT / SIGTERM); returns the summary written to summary.json."""
+        """Train to ``max_steps`` (or to SIGINT / SIGTERM); returns the summary written to summary.json.
+        A finished run is left as it is: its summary is returned."""
         config = self.config
+        if self.finished is not None:
+            self._print(f"run {self.run_dir} is finished (step {self.step} of max_steps {config.max_steps}, "
+                        "summary.json: completed); nothing to do. Raise max_steps to train further")
+            return self.finished
+        self._print(self.start_line())
         bar = tqdm(total=config.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (config.progress and self.rank == 0))
         if self.eval_data is not None and self.step == 0:
@@ -206,7 +251,7 @@ class Trainer:
                 bar.update(1)
                 if self.step % config.log_every == 0 or self.step == config.max_steps or stats["stop"]:
                     record = self._log_window(window, stats)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['learned_tokens_per_s']:.0f}")
                 if stats["stop"] and self.step < config.max_steps:
                     status = "interrupted"
                     break
@@ -220,6 +265,31 @@ class Trainer:
         if status == "completed" and config.save_final:
             self.save_final()
         return self._finish(status)
+
+    def _finished_summary(self) -> dict | None:
+        """summary.json of a completed run at this (resumed) step >= max_steps, else None."""
+        path = self.run_dir / "summary.json"
+        if self.step < self.config.max_steps or self.last_checkpoint is None or not path.exists():
+            return None
+        summary = json.loads(path.read_text())
+        return summary if summary.get("status") == "completed" and summary.get("step") == self.step else None
+
+    def start_line(self) -> str:
+        """One line: the student, device, dtype, data and steps of this run."""
+        config, data = self.config, self.train_data
+        precision = str(next(self.student.parameters()).dtype).removeprefix("torch.")
+        if self.autocast_dtype is not None:
+            precision += f" weights, {str(self.autocast_dtype).removeprefix('torch.')} autocast"
+        directories = len(config.train_dirs)
+        return (f"kdfast train: student {type(self.student).__name__} with {self.num_parameters:,} parameters, "
+                f"device {self.device}, dtype {precision}, data {len(data):,} sequences with "
+                f"{data.learned_tokens:,} learned tokens ({directories} director{'y' if directories == 1 else 'ies'}"
+                f"{', packed' if config.packing else ''}), steps {self.step} -> {config.max_steps} "
+                f"of {self.global_batch} sequences")
+
+    def _print(self, line: str) -> None:
+        if self.rank == 0:
+            print(line, flush=True)
 
     def _log_window(self, window: _Window, stats: dict) -> dict:
         record = {"step": self.step, "epoch": self._epoch(), **window.means(), "lr": stats["lr"],
@@ -300,8 +370,9 @@ class Trainer:
                         ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()))
 
     def save_final(self) -> Path:
-        """The student into ``run_dir/final``: ``save_pretrained`` (HF) or ``model.pt`` (state dict)."""
-        return checkpoint.save_student(self.run_dir / "final", self.model, self.student)
+        """The student into ``run_dir/final``: ``save_pretrained`` (HF) or ``model.pt`` (state dict), with the
+        tokenizer of the ``student`` directory when it has one."""
+        return checkpoint.save_student(self.run_dir / "final", self.model, self.student, self.tokenizer)
 
     # --- end of run ------------------------------------------------------------------------------
 
@@ -310,7 +381,8 @@ class Trainer:
         summary = {
             "status": status, "step": self.step, "max_steps": self.config.max_steps, "epoch": self._epoch(),
             "train_loss": last.get("loss"), "train_ce": last.get("ce"), "train_kd": last.get("kd"), **self.last_eval,
-            "tokens": self.tokens, "train_seconds": self.elapsed, "tokens_per_s": self.tokens / max(self.elapsed, 1e-9),
+            "tokens": self.tokens, "train_seconds": self.elapsed,
+            "learned_tokens_per_s": self.tokens / max(self.elapsed, 1e-9),
             "damaged_sequences": self.damaged, "world_size": self.world_size, "global_batch": self.global_batch,
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "final_model": str(self.run_dir / "final") if status == "completed" and self.config.save_final else None,
@@ -354,21 +426,27 @@ def _active(batch: dict) -> torch.Tensor:
 class _Window:
     """Sums of the steps since the last metrics line."""
 
+    SUMMED = ("loss", "ce", "kd", "tokens", "sequence_tokens", "positions")
+
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
-        self.steps, self.loss, self.ce, self.kd, self.tokens, self.start = 0, 0.0, 0.0, 0.0, 0, time.perf_counter()
+        self.steps, self.start = 0, time.perf_counter()
+        self.sums = dict.fromkeys(self.SUMMED, 0)
 
     def add(self, stats: dict) -> None:
         self.steps += 1
-        self.tokens += stats["tokens"]
-        self.loss, self.ce, self.kd = self.loss + stats["loss"], self.ce + stats["ce"], self.kd + stats["kd"]
+        for key in self.SUMMED:
+            self.sums[key] += stats[key]
 
     def means(self) -> dict:
+        """Mean loss, ce, kd per step; learned tokens per second; padded positions / all positions."""
         seconds = max(time.perf_counter() - self.start, 1e-9)
-        return {"loss": self.loss / self.steps, "ce": self.ce / self.steps, "kd": self.kd / self.steps,
-                "tokens_per_s": self.tokens / seconds}
+        sums = self.sums
+        return {"loss": sums["loss"] / self.steps, "ce": sums["ce"] / self.steps, "kd": sums["kd"] / self.steps,
+                "learned_tokens_per_s": sums["tokens"] / seconds,
+                "padding_fraction": 1 - sums["sequence_tokens"] / max(sums["positions"], 1)}
 
 
 class StopRequest:

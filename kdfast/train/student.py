@@ -8,6 +8,11 @@ Protocol for any other ``nn.Module`` (``student_module = "pkg.mod:factory"`` or 
         or module.output_weight [V, H] (and optionally module.output_bias [V])
     logits = hidden @ weight.T + bias                       nothing applied after the head
 
+Packing (``packing = true``): several sequences share a row and ``position_ids`` restart at 0 for
+each; a Hugging Face model builds its causal mask per sequence from them (transformers 5.x, with no
+attention mask and no cache), which ``check_packing_isolates`` verifies on the student itself once.
+A protocol module takes ``input_ids`` only, so packing needs a Hugging Face student.
+
 Precision: parameters are float32. With ``autocast_dtype`` (bf16 on CUDA) the student's forward runs
 under autocast and the LM head runs in that dtype too: hidden states and a 16-bit copy of the head
 (its gradient flows back to the float32 weight) go to the fused loss, which computes the softmax in
@@ -72,6 +77,51 @@ def _student_from_factory(spec: str) -> nn.Module:
     return model
 
 
+# Files that mean "a tokenizer is saved here" (save_pretrained writes tokenizer_config.json).
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+
+
+def student_tokenizer(config: TrainConfig):
+    """The tokenizer saved in the ``student`` directory (None: no directory, or no tokenizer in it), so that
+    ``run_dir/final`` can carry it."""
+    directory = Path(config.student) if config.student else None
+    if directory is None or not directory.is_dir() or not any((directory / f).exists() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def check_packing_isolates(student: nn.Module) -> None:
+    """``packing = true``: the student must isolate the sequences of a packed row by their ``position_ids``.
+
+    Runs two short sequences packed into one row and the second alone (float32, eval mode, fixed ids,
+    no random numbers drawn) and compares the second's hidden states; ValueError when they differ,
+    i.e. when the model lets the second sequence attend to the first.
+    """
+    if not is_hf_causal_lm(student):
+        raise ValueError(f"packing = true needs a Hugging Face student (position_ids restart per sequence); "
+                         f"{type(student).__name__} follows the nn.Module protocol, which takes input_ids only")
+    device = next(student.parameters()).device
+    vocab = student_vocab(student)
+    first, second = torch.arange(1, 4, device=device) % vocab, torch.arange(4, 9, device=device) % vocab
+    packed = torch.cat([first, second])[None]
+    positions = torch.cat([torch.arange(3, device=device), torch.arange(5, device=device)])[None]
+    training = student.training
+    student.eval()
+    try:
+        with torch.no_grad():
+            together = hf.hidden_and_head(student, packed, position_ids=positions)[0][0, 3:]
+            alone = hf.hidden_and_head(student, second[None])[0][0]
+    finally:
+        student.train(training)
+    if not torch.allclose(together.float(), alone.float(), rtol=1e-3, atol=1e-4):
+        attention = getattr(student.config, "_attn_implementation", None)
+        raise ValueError(f"packing = true: {type(student).__name__} (attn_implementation={attention!r}) does not "
+                         "isolate packed sequences by position_ids (a sequence attends to the one before it in "
+                         "its row); use packing = false or another attn_implementation")
+
+
 def is_hf_causal_lm(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model, "base_model") and hasattr(model, "save_pretrained")
 
@@ -102,6 +152,7 @@ class DistillationModule(nn.Module):
 
     ``forward(batch, num_items)`` -> (loss, LossComponents) for training; ``forward(batch,
     evaluate=True)`` -> float64 sums [ce, kd, active tokens, top-1 matches, top-1 rows] for evaluation.
+    A packed batch (``kdfast.train.data.pack``) carries ``position_ids``, which go to the student.
     ``loss_options`` are ``fused_linear_kd_loss`` keywords; with ``tail`` the batch's ``teacher_tail``
     (the shards' exact tail log-mass) is passed as well, instead of the mass recomputed from the values.
     """
@@ -113,12 +164,13 @@ class DistillationModule(nn.Module):
         self.autocast_dtype = autocast_dtype
         self.hf = is_hf_causal_lm(student)
 
-    def loss_inputs(self, input_ids: torch.Tensor):  # [B, L] -> hidden [B, L, H], weight [V, H], bias [V]
-        """What the fused loss takes: the hidden states and the LM head, in the compute dtype."""
+    def loss_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None):
+        """What the fused loss takes: the hidden states [B, L, H] and the LM head (weight [V, H], bias [V]),
+        in the compute dtype. ``position_ids`` [B, L]: a packed batch's (Hugging Face students only)."""
         with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
             if self.hf:
-                hidden, weight, bias = hf.hidden_and_head(self.student, input_ids)
+                hidden, weight, bias = hf.hidden_and_head(self.student, input_ids, position_ids=position_ids)
             else:
                 hidden = self.student(input_ids)
                 weight, bias = output_head(self.student)
@@ -130,7 +182,7 @@ class DistillationModule(nn.Module):
         return {name: batch[name] for name in names}
 
     def forward(self, batch: dict, num_items: torch.Tensor | None = None, evaluate: bool = False):
-        hidden, weight, bias = self.loss_inputs(batch["input_ids"])
+        hidden, weight, bias = self.loss_inputs(batch["input_ids"], batch.get("position_ids"))
         if evaluate:
             with torch.no_grad():
                 return self._eval_sums(hidden, weight, bias, batch)
