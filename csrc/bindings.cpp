@@ -20,9 +20,9 @@ T* ptr(uintptr_t address) {
 double kd_loss_forward(int64_t rows, int64_t vocab, uintptr_t logits, int logits_dtype, uintptr_t labels,
                        int64_t ignore_index, uintptr_t teacher_logits, int teacher_dtype, uintptr_t teacher_indices,
                        int index_dtype, uintptr_t teacher_values, int values_dtype, uintptr_t teacher_tail, int64_t k,
-                       int teacher_kind, bool tail, int divergence, double beta, double temperature, double hard_weight,
-                       double soft_scale, double grad_scale, uintptr_t grad, uintptr_t loss_rows, uintptr_t ce_rows,
-                       uintptr_t div_rows, int num_threads) {
+                       int teacher_kind, bool tail, int divergence, double beta, double alpha, double temperature,
+                       double hard_weight, double soft_scale, double grad_scale, uintptr_t grad, uintptr_t loss_rows,
+                       uintptr_t ce_rows, uintptr_t div_rows, int num_threads) {
     kdfast::KDLossArgs a;
     a.rows = rows;
     a.vocab = vocab;
@@ -42,6 +42,7 @@ double kd_loss_forward(int64_t rows, int64_t vocab, uintptr_t logits, int logits
     a.tail = tail;
     a.divergence = divergence;
     a.beta = beta;
+    a.alpha = alpha;
     a.temperature = temperature;
     a.hard_weight = hard_weight;
     a.soft_scale = soft_scale;
@@ -68,8 +69,10 @@ PYBIND11_MODULE(_C, m) {
     m.attr("DTYPE_CODES") = py::dict(py::arg("float32") = int(kdfast::kFloat32), py::arg("bfloat16") = int(kdfast::kBFloat16),
                                      py::arg("float16") = int(kdfast::kFloat16), py::arg("float64") = int(kdfast::kFloat64),
                                      py::arg("int32") = int(kdfast::kInt32), py::arg("int64") = int(kdfast::kInt64));
-    m.attr("DIVERGENCE_CODES") = py::dict(py::arg("forward_kl") = int(kdfast::kForwardKL),
-                                          py::arg("reverse_kl") = int(kdfast::kReverseKL), py::arg("jsd") = int(kdfast::kJSD));
+    m.attr("DIVERGENCE_CODES") =
+        py::dict(py::arg("forward_kl") = int(kdfast::kForwardKL), py::arg("reverse_kl") = int(kdfast::kReverseKL),
+                 py::arg("jsd") = int(kdfast::kJSD), py::arg("skew_kl") = int(kdfast::kSkewKL),
+                 py::arg("skew_reverse_kl") = int(kdfast::kSkewReverseKL));
     m.attr("TEACHER_KIND_CODES") =
         py::dict(py::arg("logits") = int(kdfast::kTeacherLogits), py::arg("logprobs") = int(kdfast::kTeacherLogprobs),
                  py::arg("probs") = int(kdfast::kTeacherProbs));
@@ -78,9 +81,9 @@ PYBIND11_MODULE(_C, m) {
           py::arg("logits_dtype"), py::arg("labels"), py::arg("ignore_index"), py::arg("teacher_logits"),
           py::arg("teacher_dtype"), py::arg("teacher_indices"), py::arg("index_dtype"), py::arg("teacher_values"),
           py::arg("values_dtype"), py::arg("teacher_tail"), py::arg("k"), py::arg("teacher_kind"), py::arg("tail"),
-          py::arg("divergence"), py::arg("beta"), py::arg("temperature"), py::arg("hard_weight"), py::arg("soft_scale"),
-          py::arg("grad_scale"), py::arg("grad"), py::arg("loss_rows"), py::arg("ce_rows"), py::arg("div_rows"),
-          py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+          py::arg("divergence"), py::arg("beta"), py::arg("alpha"), py::arg("temperature"), py::arg("hard_weight"),
+          py::arg("soft_scale"), py::arg("grad_scale"), py::arg("grad"), py::arg("loss_rows"), py::arg("ce_rows"),
+          py::arg("div_rows"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
           "Loss rows, CE rows, D rows and (grad != 0) the scaled gradient; returns the sum of the loss rows.");
     m.def("kd_loss_scale_grad", &kd_loss_scale_grad, py::kw_only(), py::arg("out"), py::arg("grad"), py::arg("dtype"),
           py::arg("rows"), py::arg("vocab"), py::arg("row_scale"), py::arg("scale"), py::arg("num_threads"),

@@ -18,6 +18,22 @@
 //                         = (1-beta) log(q_j / M_j) =: g_j     (beta p_j/M_j + (1-beta) q_j/M_j = 1)
 //                 dD/dz_j = (1/T) q_j (g_j - sum_i q_i g_i).
 //                 beta = 0 is forward KL and beta = 1 reverse KL (dispatched in Python).
+//     Skew KL(alpha) (DistiLLM, Ko et al. 2024): one of JSD's two terms, with the mixture weight of p
+//     in M (alpha, or 1 - alpha) in place of beta; log M is the same logaddexp. alpha = 0 is forward /
+//     reverse KL (dispatched in Python).
+//     skew KL     M = alpha p + (1-alpha) q,  D = KL(p||M) = sum p (log p - log M)
+//                 dD/dq_j = -(1-alpha) p_j / M_j,  so with w_j = (1-alpha) q_j / M_j (in [0, 1]):
+//                 q_j dD/dq_j = -p_j w_j,  sum_i q_i dD/dq_i = -S,  S = sum_i p_i w_i
+//                 dD/dz_j = (1/T) (q_j S - p_j w_j)
+//     skew reverse KL   M = alpha q + (1-alpha) p,  D = KL(q||M) = sum q (log q - log M)
+//                 dD/dq_j = log(q_j / M_j) + 1 - alpha q_j / M_j = log(q_j / M_j) + v_j,
+//                 v_j = (1-alpha) p_j / M_j (in [0, 1]; alpha q_j / M_j + v_j = 1),
+//                 sum_i q_i dD/dq_i = D + V,  V = sum_i q_i v_i
+//                 dD/dz_j = (1/T) q_j ((log(q_j / M_j) + v_j) - (D + V))
+//                 (v, not 1 - alpha q / M: as alpha -> 1 every term is O(1 - alpha), the gradient
+//                 O((1 - alpha)^2), and terms of O(1) would cancel to eps / (1 - alpha)^2 relative.)
+//                 Both D are at most -log alpha (M >= alpha p, resp. alpha q), and finite where the other
+//                 distribution is 0 (unlike forward / reverse KL).
 //   Sparse teacher on valid slots I (index -1 = empty), P = sum_{i in I} p_i, Q = sum_{i in I} q_i:
 //     "logits", "logprobs" without tail: p = softmax(v / T) over I; "probs": p_i = v_i as given.
 //     D = sum_I p_i (log p_i - log q_i) = const - sum_I p_i a_i + P L_q
@@ -55,9 +71,14 @@
 // own scale T (q_j + p_j). Tail rows sum the entries outside the slots on their own, relative to their
 // own maximum (so q_rest has fp32 relative accuracy however close Q is to 1), and when |C| > 1 the
 // off-slot term is eq_j exp((cz - max z)/T - lsq + log|C|) (the chunk multiplier is formed in
-// double), which stays representable where q_j underflows. JSD
-// entries with p = q = 0 (a masked vocabulary) contribute 0. A 16-bit gradient is rounded once,
-// here; a grad_output other than 1.0 rounds it a second time in kd_loss_scale_grad.
+// double), which stays representable where q_j underflows. JSD and skew entries with p = q = 0 (a
+// masked vocabulary) contribute 0. Skew KL's p_j w_j is exp(log p_j + log(1-alpha) + log q_j - log M_j)
+// and skew reverse KL's v_j is exp(log(1-alpha) + log p_j - log M_j), every log taken from the logits
+// (log q_j - log M_j stays exact where q_j underflows: M_j is then alpha p_j, resp. (1-alpha) p_j, and
+// the term goes to 0 without a 0/0). As alpha -> 1 the skew D vanish like (1-alpha)^2 while log q_j -
+// log M_j keeps an ulp of log q_j: D within 2e-5 relative at alpha = 0.99, 7e-3 at 0.999 (docs/loss.md).
+// A 16-bit gradient is rounded once, here; a grad_output other than 1.0 rounds it a second time in
+// kd_loss_scale_grad.
 //
 // Passes over a row: one statistics pass reads z [and t] from memory and stores every exponential
 // it computes (eq = e^{(z - cz)/T}, ep = e^{(t - ct)/T}, e1 = e^{z - cz}, relative to the running
@@ -65,7 +86,9 @@
 // V = 128256, so it stays in L2/L3). The sweep turns them into the gradient with one multiplier per
 // chunk and array (q_j = eq_j e^{(cz - max z)/T - log sum}, ...), so it computes no exponential; it
 // re-reads z [and t] (from cache) only for reverse KL and JSD. JSD needs one more pass for
-// sum_i q_i g_i before the sweep, which leaves log M_j in place of ep for it. At T = 2 the hard
+// sum_i q_i g_i before the sweep, which leaves log M_j in place of ep for it. The skew divergences
+// take the same extra pass for D and S (V), which leaves each element's gradient term (p_j w_j, or
+// log(q_j / M_j) + v_j) in place of ep, so that their sweep reads neither z nor t. At T = 2 the hard
 // softmax is e1 = eq^2 (not stored; the square costs about one ulp). A gradient larger than
 // kStreamBytes is written with non-temporal stores (no read for ownership). Sparse rows sort their
 // k slots by index (O(k log k), which also finds duplicates).
@@ -78,6 +101,7 @@
 //   dense forward KL            2 + 2 -> 2              3 + 3 -> 3            3 + 3 -> 2
 //   dense reverse KL            2 + 1 -> 2              3 + 2 -> 3            3 + 2 -> 2
 //   dense JSD (+ logs)          2 + 3 + 2 -> 3 (+1)     3 + 3 + 3 -> 4 (+1)   -> 3 (+1)    (2 logs -> 1)
+//   dense skew KL / reverse     -> 4 (+1)               -> 5 (+1)             -> 4 (+1)    (2 stats + 2 skew_sums)
 //   sparse top-k (tail too)     1 + 1 -> 1              2 + 2 -> 2            2 + 2 -> 1
 #include "kd_loss.h"
 
@@ -391,7 +415,9 @@ struct Sweep {
     double c_hard;         // rs * hard_weight
     double c_soft;         // rs * s / T; sparse: times the off-slot coefficient C (tail: times sign(C))
     float k_rev;           // reverse KL: lsq - lsp + D
-    float log_beta, log_1mbeta, one_m_beta, g_mean;  // JSD
+    float log_wp, log_wq;      // JSD and skew: logs of p's and q's weights in the mixture M
+    float one_m_beta, g_mean;  // JSD
+    float skew_k;              // skew KL: S = sum_i p_i w_i; skew reverse KL: D + V
 };
 
 // Per-chunk factors that turn the stored exponentials into the terms of the gradient:
@@ -415,20 +441,21 @@ KD_INLINE ChunkScale chunk_scale(const Sweep& c, float cz, float ct, bool ce) {
     return f;
 }
 
-// JSD pieces at one element: log q, log p and log M = logaddexp(log p + log beta, log q + log(1-beta)).
-struct JsdTerms {
+// Mixture pieces at one element: log q, log p and log M = logaddexp(log p + log w_p, log q + log w_q)
+// (JSD: w_p = beta; skew KL: alpha; skew reverse KL: 1 - alpha; w_q = 1 - w_p).
+struct MixtureTerms {
     float lq, lp, lm;
 };
 
-KD_INLINE JsdTerms jsd_terms(float z, float t, const Sweep& c) {
+KD_INLINE MixtureTerms mixture_terms(float z, float t, const Sweep& c) {
     const float lq = (z - c.mz) * c.inv_t - static_cast<float>(c.lsq);
     const float lp = (t - c.mt) * c.inv_t - static_cast<float>(c.lsp);
-    const float a = lp + c.log_beta;
-    const float b = lq + c.log_1mbeta;
+    const float a = lp + c.log_wp;
+    const float b = lq + c.log_wq;
     const float hi = a > b ? a : b;
     const float lo = a > b ? b : a;
     const float gap = hi == -kInf ? -kInf : lo - hi;  // p = q = 0 (masked entry): M = 0, not NaN
-    return JsdTerms{lq, lp, hi + log_pos(1.0f + exp_nonpos(gap))};
+    return MixtureTerms{lq, lp, hi + log_pos(1.0f + exp_nonpos(gap))};
 }
 
 // JSD second pass: D and sum_j q_j g_j with g_j = (1-beta)(log q_j - log M_j); q and p from the
@@ -439,7 +466,7 @@ KD_INLINE void jsd_sums(const float* __restrict z, const float* __restrict t, co
     float d = 0, g = 0;
 #pragma omp simd reduction(+ : d, g)
     for (int64_t j = 0; j < n; ++j) {
-        const JsdTerms e = jsd_terms(z[j], t[j], c);
+        const MixtureTerms e = mixture_terms(z[j], t[j], c);
         const float q = eq[j] * f.fq;
         const float p = ep_lm[j] * f.fp1;
         ep_lm[j] = e.lm;
@@ -452,13 +479,46 @@ KD_INLINE void jsd_sums(const float* __restrict z, const float* __restrict t, co
     g_out = g;
 }
 
+// Skew second pass: D and the gradient's row sum (skew KL: S = sum_j p_j w_j; skew reverse KL:
+// V = sum_j q_j v_j); q and p from the stored exponentials, the logs from the logits. Each element's
+// gradient term (p_j w_j; log(q_j / M_j) + v_j, read by the sweep only where q_j > 0) replaces p's
+// exponential in `ep_term`.
+template <int kMode>
+KD_INLINE void skew_sums(const float* __restrict z, const float* __restrict t, const float* __restrict eq,
+                         float* __restrict ep_term, int64_t n, const Sweep& c, const ChunkScale& f, float& d_out,
+                         float& s_out) {
+    float d = 0, s = 0;
+#pragma omp simd reduction(+ : d, s)
+    for (int64_t j = 0; j < n; ++j) {
+        const MixtureTerms e = mixture_terms(z[j], t[j], c);
+        const float q = eq[j] * f.fq;
+        const float p = ep_term[j] * f.fp1;
+        if (kMode == kSkewKL) {
+            // p_j w_j = p_j (1-alpha) q_j / M_j; the exponent is <= 0 as M_j >= (1-alpha) q_j
+            const float pw = p > 0.0f ? exp_nonpos(e.lp + c.log_wq + e.lq - e.lm) : 0.0f;
+            d += p > 0.0f ? p * (e.lp - e.lm) : 0.0f;
+            s += pw;
+            ep_term[j] = pw;
+        } else {
+            // v_j = (1-alpha) p_j / M_j; NaN where p = q = 0 (log M = -inf), which is never read
+            const float v = exp_nonpos(c.log_wp + e.lp - e.lm);
+            d += q > 0.0f ? q * (e.lq - e.lm) : 0.0f;
+            s += q > 0.0f ? q * v : 0.0f;
+            ep_term[j] = (e.lq - e.lm) + v;
+        }
+    }
+    d_out = d;
+    s_out = s;
+}
+
 // Where the hard gradient's softmax comes from: q itself (T = 1, or hard_weight = 0), the stored
 // e1, or eq^2 (T = 2).
 constexpr int kHardQ = 0, kHardE1 = 1, kHardSquare = 2;
 
 // Gradient of a chunk from the stored exponentials: hard part fh hard_j (hard_j per kHard), then
 // forward KL fs eq_j - fp ep_j (fs = c_soft fq); sparse fs eq_j (slots are overwritten later);
-// reverse KL and JSD from q_j = fq eq_j and the logits.
+// reverse KL and JSD from q_j = fq eq_j and the logits; the skew divergences from q_j and the
+// element's term that skew_sums left in ep.
 template <int kMode, int kHard>
 KD_INLINE void chunk_grad(const float* __restrict hard, const float* __restrict eq, const float* __restrict ep,
                           const float* __restrict z, const float* __restrict t, float* __restrict g, int64_t n,
@@ -484,6 +544,10 @@ KD_INLINE void chunk_grad(const float* __restrict hard, const float* __restrict 
             const float at = (z[j] - c.mz) * c.inv_t;
             const float bt = (t[j] - c.mt) * c.inv_t;
             soft = q > 0.0f ? q * (at - bt - c.k_rev) : 0.0f;
+        } else if (kMode == kSkewKL) {
+            soft = q * c.skew_k - ep[j];  // q_j S - p_j w_j
+        } else if (kMode == kSkewReverseKL) {
+            soft = q > 0.0f ? q * (ep[j] - c.skew_k) : 0.0f;  // q_j ((log(q_j / M_j) + v_j) - (D + V))
         } else {
             const float lq = (z[j] - c.mz) * c.inv_t - static_cast<float>(c.lsq);
             soft = q > 0.0f ? q * (c.one_m_beta * (lq - ep[j]) - c.g_mean) : 0.0f;  // ep holds log M
@@ -746,8 +810,8 @@ KD_INLINE RowOut dense_row(const RowInfo& row, Scratch& sc) {
     if (kMode == kReverseKL) out.div = s.p_zero_mass ? static_cast<double>(kInf) : s.w / s.sq - lsq + lsp;
     if (kMode == kJSD) {
         const float beta = static_cast<float>(a.beta);
-        c.log_beta = static_cast<float>(std::log(a.beta));
-        c.log_1mbeta = static_cast<float>(std::log1p(-a.beta));
+        c.log_wp = static_cast<float>(std::log(a.beta));
+        c.log_wq = static_cast<float>(std::log1p(-a.beta));
         c.one_m_beta = static_cast<float>(1.0 - a.beta);
         double d = 0, g = 0;
         for (int64_t off = 0, ci = 0; off < a.vocab; off += kChunk, ++ci) {
@@ -762,6 +826,24 @@ KD_INLINE RowOut dense_row(const RowInfo& row, Scratch& sc) {
         }
         out.div = d;
         c.g_mean = static_cast<float>(g);
+    }
+    if (kMode == kSkewKL || kMode == kSkewReverseKL) {
+        const double log_alpha = std::log(a.alpha), log_1malpha = std::log1p(-a.alpha);
+        c.log_wp = static_cast<float>(kMode == kSkewKL ? log_alpha : log_1malpha);
+        c.log_wq = static_cast<float>(kMode == kSkewKL ? log_1malpha : log_alpha);
+        double d = 0, sum = 0;
+        for (int64_t off = 0, ci = 0; off < a.vocab; off += kChunk, ++ci) {
+            const int64_t n = std::min(kChunk, a.vocab - off);
+            const float* z = load_chunk(a.logits, a.logits_dtype, row.base + off, n, sc.zbuf);
+            const float* t = load_chunk(a.teacher_logits, a.teacher_dtype, row.base + off, n, sc.tbuf);
+            const RowExps e = row_exps(sc, off);
+            float dc, sum_c;
+            skew_sums<kMode>(z, t, e.eq, e.ep, n, c, chunk_scale(c, sc.cz[ci], sc.ct[ci], false), dc, sum_c);
+            d += dc;
+            sum += sum_c;
+        }
+        out.div = d;
+        c.skew_k = static_cast<float>(kMode == kSkewKL ? sum : d + sum);
     }
     c.k_rev = static_cast<float>(lsq - lsp + out.div);
     if (!a.grad) return out;
@@ -900,6 +982,10 @@ KD_INLINE RowOut active_row(const RowInfo& row, Scratch& sc, int64_t r) {
             return row.ce ? dense_row<kReverseKL, true>(row, sc) : dense_row<kReverseKL, false>(row, sc);
         case kJSD:
             return row.ce ? dense_row<kJSD, true>(row, sc) : dense_row<kJSD, false>(row, sc);
+        case kSkewKL:
+            return row.ce ? dense_row<kSkewKL, true>(row, sc) : dense_row<kSkewKL, false>(row, sc);
+        case kSkewReverseKL:
+            return row.ce ? dense_row<kSkewReverseKL, true>(row, sc) : dense_row<kSkewReverseKL, false>(row, sc);
         default:
             return row.ce ? dense_row<kForwardKL, true>(row, sc) : dense_row<kForwardKL, false>(row, sc);
     }

@@ -8,7 +8,7 @@ namespace kdfast {
 
 // Element types of the buffers; the Python side maps torch dtypes onto these codes.
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3, kInt32 = 4, kInt64 = 5 };
-enum Divergence : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
+enum Divergence : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2, kSkewKL = 3, kSkewReverseKL = 4 };
 enum TeacherKind : int { kTeacherLogits = 0, kTeacherLogprobs = 1, kTeacherProbs = 2 };
 
 struct KDLossArgs {
@@ -29,7 +29,8 @@ struct KDLossArgs {
     int teacher_kind = kTeacherLogits;
     bool tail = false;
     int divergence = kForwardKL;
-    double beta = 0.5;
+    double beta = 0.5;                      // jsd: M = beta p + (1 - beta) q
+    double alpha = 0.1;                     // skew KL: M = alpha p + (1 - alpha) q; skew reverse: alpha q + (1 - alpha) p
     double temperature = 1.0;
     double hard_weight = 0.0;
     double soft_scale = 1.0;                // soft_weight * T^2 (or soft_weight without scale_t2)

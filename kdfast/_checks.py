@@ -15,7 +15,15 @@ from typing import NamedTuple
 
 import torch
 
-from kdfast._contract import DIVERGENCES, REDUCTIONS, TEACHER_KINDS, TEMPERATURE_RANGE, LossOptions
+from kdfast._contract import (
+    DIVERGENCES,
+    REDUCTIONS,
+    SKEW_ALPHA_DEFAULT,
+    SKEW_DIVERGENCES,
+    TEACHER_KINDS,
+    TEMPERATURE_RANGE,
+    LossOptions,
+)
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
@@ -80,6 +88,7 @@ def loss_options(
     soft_weight,
     divergence,
     beta,
+    alpha,
     teacher_kind,
     tail,
     allow_tail_temperature,
@@ -101,6 +110,7 @@ def loss_options(
     beta = _finite(op, "beta", beta)
     if divergence == "jsd" and not 0.0 <= beta <= 1.0:
         raise ValueError(f"{op}: beta must be in [0, 1], got {beta}")
+    alpha = _skew_alpha(op, divergence, alpha)
     if teacher_kind not in TEACHER_KINDS:
         raise ValueError(f"{op}: teacher_kind must be one of {TEACHER_KINDS}, got {teacher_kind!r}")
     if reduction not in REDUCTIONS:
@@ -117,6 +127,7 @@ def loss_options(
         soft_weight=_finite(op, "soft_weight", soft_weight),
         divergence=divergence,
         beta=beta,
+        alpha=alpha,
         teacher_kind=teacher_kind,
         tail=bool(tail),
         ignore_index=ignore_index,
@@ -125,6 +136,24 @@ def loss_options(
         inplace=bool(inplace),
         compute_grad=bool(compute_grad),
     )
+
+
+def _skew_alpha(op: str, divergence: str, alpha) -> float:
+    """The skew divergences' mixture weight: in [0, 1) (alpha = 1 would make the divergence 0),
+    SKEW_ALPHA_DEFAULT when None; any other divergence takes no alpha."""
+    if divergence not in SKEW_DIVERGENCES:
+        if alpha is not None:
+            raise ValueError(
+                f"{op}: alpha only applies to divergence in {SKEW_DIVERGENCES}, got alpha={alpha!r} with "
+                f"divergence={divergence!r}"
+            )
+        return SKEW_ALPHA_DEFAULT
+    if alpha is None:
+        return SKEW_ALPHA_DEFAULT
+    alpha = _finite(op, "alpha", alpha)
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"{op}: alpha must be in [0, 1) for divergence={divergence!r}, got {alpha}")
+    return alpha
 
 
 # ----------------------------------------------------------------------------------------------

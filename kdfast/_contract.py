@@ -39,11 +39,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl")
+# DistiLLM's skewed KL divergences (Ko et al. 2024) and the default of their mixture weight alpha.
+SKEW_DIVERGENCES = ("skew_kl", "skew_reverse_kl")
+SKEW_ALPHA_DEFAULT = 0.1
 TEACHER_KINDS = ("logits", "logprobs", "probs")
 REDUCTIONS = ("mean", "sum", "none")
 # Temperatures the backends are accurate for (float32, scaled logits finite); outside: ValueError.
 TEMPERATURE_RANGE = (1e-2, 1e2)
+
+
+def effective_divergence(divergence: str, beta: float, alpha: float) -> str:
+    """The divergence a backend computes: jsd at beta = 0 / 1 and the skew divergences at alpha = 0 are
+    forward / reverse KL, and run as such on every backend (so those limits are exact)."""
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        return "forward_kl" if beta == 0.0 else "reverse_kl"
+    if divergence in SKEW_DIVERGENCES and alpha == 0.0:
+        return "forward_kl" if divergence == "skew_kl" else "reverse_kl"
+    return divergence
 
 
 @dataclass(frozen=True)
@@ -54,7 +67,8 @@ class LossOptions:
     hard_weight: float = 0.0
     soft_weight: float = 1.0
     divergence: str = "forward_kl"
-    beta: float = 0.5
+    beta: float = 0.5  # jsd only
+    alpha: float = SKEW_ALPHA_DEFAULT  # skew_kl / skew_reverse_kl only, in [0, 1)
     teacher_kind: str = "logits"
     tail: bool = False
     ignore_index: int = -100

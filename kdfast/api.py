@@ -53,6 +53,7 @@ def kd_loss(
     soft_weight: float = 1.0,
     divergence: str = "forward_kl",
     beta: float = 0.5,
+    alpha: float | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items: int | torch.Tensor | None = None,
@@ -81,8 +82,12 @@ def kd_loss(
         allow_tail_temperature: ``tail=True`` is exact only at the capture temperature (T = 1), so
             ``tail=True`` with another temperature raises ValueError unless this is True (the bucket
             then compares the T = 1 teacher with the tempered student).
-        divergence: ``"forward_kl"``, or for dense teachers ``"reverse_kl"`` and ``"jsd"`` with
-            ``beta`` (TRL's generalized JSD: beta=0 is forward KL, beta=1 is reverse KL).
+        divergence: ``"forward_kl"``, or for dense teachers ``"reverse_kl"``, ``"jsd"`` with
+            ``beta`` (TRL's generalized JSD: beta=0 is forward KL, beta=1 is reverse KL), and
+            DistiLLM's ``"skew_kl"`` KL(p || alpha p + (1 - alpha) q) and ``"skew_reverse_kl"``
+            KL(q || alpha q + (1 - alpha) p) with ``alpha`` (alpha=0 is forward / reverse KL).
+        alpha: the skew divergences' mixture weight in [0, 1); None gives 0.1 (DistiLLM's default).
+            Any other divergence raises ValueError when alpha is given.
         reduction: ``"mean"`` over active rows (or over ``num_items`` for gradient accumulation: a
             number or a one-element tensor, > 0), ``"sum"``, or ``"none"`` (per row, shaped like the
             leading dimensions).
@@ -109,6 +114,7 @@ def kd_loss(
         soft_weight=soft_weight,
         divergence=divergence,
         beta=beta,
+        alpha=alpha,
         teacher_kind=teacher_kind,
         tail=tail,
         allow_tail_temperature=allow_tail_temperature,
@@ -279,6 +285,7 @@ def fused_linear_kd_loss(
     soft_weight: float = 1.0,
     divergence: str = "forward_kl",
     beta: float = 0.5,
+    alpha: float | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items: int | torch.Tensor | None = None,
@@ -306,7 +313,7 @@ def fused_linear_kd_loss(
             whose logits are computed chunk by chunk under no_grad and never receive gradients.
         chunk_size: rows per chunk; None keeps each chunk's logits within 256 MiB.
         labels, teacher_kind, tail, temperature, allow_tail_temperature, hard_weight, soft_weight,
-        divergence, beta, ignore_index, reduction, num_items, scale_t2, backend, return_components:
+        divergence, beta, alpha, ignore_index, reduction, num_items, scale_t2, backend, return_components:
             as in ``kd_loss``.
 
     With 16-bit heads on CUDA the logits are computed in float32 (a float32-output GEMM); on CPU,
@@ -332,6 +339,7 @@ def fused_linear_kd_loss(
         soft_weight=soft_weight,
         divergence=divergence,
         beta=beta,
+        alpha=alpha,
         teacher_kind=teacher_kind,
         tail=tail,
         allow_tail_temperature=allow_tail_temperature,

@@ -122,7 +122,7 @@ def causal_lm_kd_loss(
     captured log of the teacher's mass outside the slots) or ``teacher_model``, a causal LM with the same vocabulary run on the same
     inputs under no_grad (put it in eval mode yourself). ``model_kwargs`` go to both models'
     decoders (e.g. ``position_ids``); ``loss_options`` to ``fused_linear_kd_loss`` (``temperature``,
-    ``hard_weight``, ``chunk_size``, ``return_components``, ...).
+    ``hard_weight``, ``divergence`` with ``beta`` or ``alpha``, ``chunk_size``, ``return_components``, ...).
     """
     model_kwargs = model_kwargs or {}
     ignore_index = loss_options.get("ignore_index", -100)

@@ -9,7 +9,8 @@ Notation (per row r, vocabulary V, temperature T):
     q = softmax(z / T)                       student, full vocabulary
     p                                        teacher target (dense, or sparse over slots I)
     CE_r = logsumexp(z) - z_y                untempered hard loss
-    D_r  = divergence(p, q)                  forward_kl | reverse_kl | jsd(beta)
+    D_r  = divergence(p, q)                  forward_kl | reverse_kl | jsd(beta) | skew_kl(alpha)
+                                             | skew_reverse_kl(alpha)
     l_r  = hard_weight * CE_r + soft_weight * s * D_r,   s = T**2 if scale_t2 else 1
 Rows whose label is ``ignore_index`` contribute nothing. Tail bucket (sparse "logprobs", tail=True):
 the teacher's mass outside the slots, ``exp(teacher_tail)`` or ``1 - sum_I p``, is matched against the
@@ -23,6 +24,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from kdfast._contract import SKEW_ALPHA_DEFAULT, effective_divergence
 
 __all__ = ["kd_loss", "kd_loss_rows", "fused_linear_kd_loss", "LossComponents"]
 
@@ -43,19 +46,34 @@ def _xlogy_diff(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> to
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
 
 
+def _log_mixture(
+    log_p: torch.Tensor,  # [N, V]
+    log_q: torch.Tensor,  # [N, V]
+    weight_p: float,  # in (0, 1)
+) -> torch.Tensor:  # [N, V]
+    """log M with M = weight_p p + (1 - weight_p) q, in log space (exact where p or q underflows)."""
+    return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
+
+
 def _dense_divergence(
     log_q: torch.Tensor,  # [N, V]
     log_p: torch.Tensor,  # [N, V]
     divergence: str,
     beta: float,
+    alpha: float,
 ) -> torch.Tensor:  # [N]
     p, q = log_p.exp(), log_q.exp()
-    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
+    divergence = effective_divergence(divergence, beta, alpha)
+    if divergence == "forward_kl":
         return _xlogy_diff(p, log_p, log_q).sum(-1)
-    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+    if divergence == "reverse_kl":
         return _xlogy_diff(q, log_q, log_p).sum(-1)
+    if divergence == "skew_kl":  # DistiLLM: KL(p || alpha p + (1 - alpha) q)
+        return _xlogy_diff(p, log_p, _log_mixture(log_p, log_q, alpha)).sum(-1)
+    if divergence == "skew_reverse_kl":  # DistiLLM: KL(q || alpha q + (1 - alpha) p)
+        return _xlogy_diff(q, log_q, _log_mixture(log_p, log_q, 1.0 - alpha)).sum(-1)
     # TRL's generalized_jsd_loss: M = beta p + (1 - beta) q, beta KL(p||M) + (1 - beta) KL(q||M).
-    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    log_m = _log_mixture(log_p, log_q, beta)
     return beta * _xlogy_diff(p, log_p, log_m).sum(-1) + (1 - beta) * _xlogy_diff(q, log_q, log_m).sum(-1)
 
 
@@ -146,6 +164,7 @@ def kd_loss_rows(
     temperature: float = 1.0,
     divergence: str = "forward_kl",
     beta: float = 0.5,
+    alpha: float = SKEW_ALPHA_DEFAULT,
     ignore_index: int = -100,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row (CE_r, D_r, active_r) on 2-D inputs; inactive rows hold 0 in CE and D, bad rows
@@ -172,7 +191,7 @@ def kd_loss_rows(
     log_q = torch.log_softmax(z / temperature, dim=-1)
     if teacher_logits is not None:
         log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
-        div = _dense_divergence(log_q, log_p, divergence, beta)
+        div = _dense_divergence(log_q, log_p, divergence, beta, alpha)
     else:
         div = _sparse_divergence(log_q, teacher_indices, teacher_values, teacher_tail, teacher_kind, tail, temperature)
     zero = torch.zeros((), dtype=dtype, device=z.device)
@@ -196,6 +215,7 @@ def kd_loss(
     soft_weight: float = 1.0,
     divergence: str = "forward_kl",
     beta: float = 0.5,
+    alpha: float = SKEW_ALPHA_DEFAULT,
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items: int | torch.Tensor | None = None,
@@ -221,6 +241,7 @@ def kd_loss(
         temperature=temperature,
         divergence=divergence,
         beta=beta,
+        alpha=alpha,
         ignore_index=ignore_index,
     )
     s = temperature**2 if scale_t2 else 1.0

@@ -6,6 +6,10 @@ Math (per active row; docs/loss.md has the contract, csrc/kd_loss.cpp the deriva
     forward KL:  dD/dz = (q - p) / T                 (sparse: (q * sum_I p - p 1_I) / T)
     reverse KL:  dD/dz = q ((log q - log p) - D) / T
     JSD(beta):   dD/dz = q (g - sum q g) / T,  g = (1 - beta) log(q / M),  M = beta p + (1 - beta) q
+    skew KL(alpha), D = KL(p || M), M = alpha p + (1 - alpha) q:
+                 dD/dz = (q S - p w) / T,  w = (1 - alpha) q / M,  S = sum p w
+    skew reverse KL(alpha), D = KL(q || M), M = alpha q + (1 - alpha) p:
+                 dD/dz = q ((log(q / M) + v) - (D + V)) / T,  v = (1 - alpha) p / M,  V = sum q v
     tail bucket: dD/dz = ((P + R q_rest) q - p) / T on slots, q (P - R (1 - q_rest)) / T elsewhere,
                  R = p_rest / q_rest; p_rest = exp(teacher_tail) when given, else max(1 - P, 0);
                  q_rest (the student's mass outside the slots) is summed directly, never 1 - Q, and
@@ -58,7 +62,7 @@ from dataclasses import replace
 import torch
 
 from kdfast import _backend
-from kdfast._contract import LossOptions
+from kdfast._contract import LossOptions, effective_divergence
 
 __all__ = ["kd_loss", "release_buffers"]
 
@@ -173,9 +177,7 @@ def _launch(
     teacher_indices = _cpu("teacher_indices", teacher_indices)  # [N, k]
     teacher_values = _cpu("teacher_values", teacher_values)  # [N, k]
     teacher_tail = _cpu("teacher_tail", teacher_tail, torch.float32)  # [N]
-    divergence = opts.divergence
-    if divergence == "jsd" and opts.beta in (0.0, 1.0):
-        divergence = "forward_kl" if opts.beta == 0.0 else "reverse_kl"
+    divergence = effective_divergence(opts.divergence, opts.beta, opts.alpha)
     # 1 / divisor, with IEEE semantics for a zero divisor
     mean_scale = float(torch.reciprocal(divisor.double())) if opts.reduction == "mean" else 1.0
 
@@ -199,7 +201,7 @@ def _launch(
         teacher_values=_address(teacher_values), values_dtype=_dtype_code(teacher_values),
         teacher_tail=_address(teacher_tail), k=k,
         teacher_kind=ext.TEACHER_KIND_CODES[opts.teacher_kind], tail=opts.tail,
-        divergence=ext.DIVERGENCE_CODES[divergence], beta=opts.beta,
+        divergence=ext.DIVERGENCE_CODES[divergence], beta=opts.beta, alpha=opts.alpha,
         temperature=opts.temperature, hard_weight=opts.hard_weight, soft_scale=opts.soft_scale,
         grad_scale=mean_scale if fold_divisor else 1.0,
         grad=_address(grad),

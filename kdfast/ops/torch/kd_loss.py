@@ -41,6 +41,7 @@ def _loss(
         temperature=opts.temperature,
         divergence=opts.divergence,
         beta=opts.beta,
+        alpha=opts.alpha,
         ignore_index=opts.ignore_index,
     )
     rows = opts.hard_weight * ce + opts.soft_scale * div  # [N]

@@ -11,6 +11,16 @@ Math (per active row; z student logits [V], T temperature, c = soft_weight * s, 
     jsd(beta)   M = beta p + (1 - beta) q,  D = beta KL(p||M) + (1 - beta) KL(q||M)   (TRL)
                 g_j = dD/dq_j = (1 - beta) log(q_j / M_j)      dD/db_j = q_j (g_j - sum_i q_i g_i)
                 beta = 0 is forward KL and beta = 1 is reverse KL (dispatched to those kernels).
+    skew KL(alpha) and skew reverse KL(alpha) (DistiLLM, Ko et al. 2024): one of jsd's two terms, the
+                mixture weight of p in M (alpha, or 1 - alpha) in place of beta; alpha = 0 is forward /
+                reverse KL (dispatched to those kernels). Both D are at most -log alpha.
+    skew_kl     M = alpha p + (1 - alpha) q,  D = KL(p||M) = sum_j p_j (log p_j - log M_j)
+                dD/dq_j = -(1 - alpha) p_j / M_j; with w_j = (1 - alpha) q_j / M_j in [0, 1]:
+                dD/db_j = q_j S - p_j w_j,  S = sum_i p_i w_i
+    skew_reverse_kl   M = alpha q + (1 - alpha) p,  D = KL(q||M) = sum_j q_j (log q_j - log M_j)
+                dD/dq_j = log(q_j / M_j) + 1 - alpha q_j / M_j = log(q_j / M_j) + v_j,  v_j = (1 - alpha) p_j / M_j:
+                dD/db_j = q_j ((log(q_j / M_j) + v_j) - (D + V)),  V = sum_i q_i v_i
+                (v rather than 1 - alpha q / M: as alpha -> 1 all terms stay O(1 - alpha), none O(1) cancels.)
   sparse teacher, slots I (index -1 = empty), target mass P = sum_{i in I} p_i, Q = sum_{i in I} q_i:
     "logits", tail-less "logprobs": p = softmax(values / T) over valid slots (P = 1, or 0 without any)
     "probs": p_i = values_i as given.
@@ -51,6 +61,10 @@ tests/test_kd_loss_triton_edges.py checks D and the gradient per element against
 TEMPERATURE_RANGE (1e-2, 1e2) with logits of +-5000 (scaled: 5e5 at T = 1e-2). Generalized JSD
 is not separable (log M_j needs both final normalizers) and takes one more pass for sum_i q_i g_i and D;
 where student and teacher are both -inf (a masked vocabulary) q = p = 0 and the entry adds nothing.
+The skew divergences take the same extra pass for D and S (V), with log M_j the same log-space mixture;
+p_j w_j = exp2(log2 p_j + log2(1 - alpha) + log2 q_j - log2 M_j) and v_j = exp2(log2(1 - alpha) + log2 p_j
+- log2 M_j), so where q_j underflows the term goes to 0 from exact logs (M_j is then alpha p_j, resp.
+(1 - alpha) p_j), never as 0/0; masked entries add nothing, as for jsd.
 
 Schedule: a persistent grid (programs_per_sm programs per SM) walks the rows, one row at a time; row
 offsets are int64 (the row id is cast before the multiply).
@@ -60,7 +74,7 @@ offsets are int64 (the row id is cast before the multiply).
           zeroed once per call, cleared after the pass; CTA barriers order marks, reads and clears), and
           pass 1 also sums q's terms off the marks: q_rest without cancellation, for one extra 1-byte
           load per element from L2 and no extra exponential.
-  (jsd only: one more pass for D and sum_i q_i g_i)
+  (jsd only: one more pass for D and sum_i q_i g_i; skew: for D and S, resp. V)
   pass 2 (grad):  re-reads the row, writes the gradient; sparse slots are then overwritten with their
           exact value after a CTA barrier (a per-element membership test against k slots would cost
           k compares per element; the fix-up touches k elements).
@@ -89,7 +103,8 @@ H100 performance reasoning (not measured here: there was no GPU; bench/gpu.sh me
     flight per SM per iteration, which covers HBM latency (Little's law: 3.35 TB/s x ~1 us / 132 SMs
     ~= 25 KB per SM); num_stages is Triton's default (3), and one program per SM. Registers per thread
     (Triton 3.9 AOT for sm_90, bf16 with labels at T != 1, from cuobjdump --dump-resource-usage; no
-    GPU needed): dense 96 (forward KL) / 94 (reverse) / 90 (jsd), sparse 99-104 (k = 64), the tail
+    GPU needed): dense 96 (forward KL) / 94 (reverse) / 90 (jsd; the skew divergences, which share its launch
+    class, are not measured yet), sparse 99-104 (k = 64), the tail
     bucket 96 (128, the cap, at BLOCK_V = 16384), the scale kernel 76, none with stack or spills. A
     512-thread CTA above 64 registers/thread leaves no room for a second one in an SM's 64k registers,
     so one CTA per SM runs, whatever programs_per_sm says; latency hiding is the in-flight bytes of
@@ -130,7 +145,7 @@ import triton
 import triton.language as tl
 
 from kdfast import _backend
-from kdfast._contract import LossOptions
+from kdfast._contract import LossOptions, effective_divergence
 
 __all__ = ["kd_loss"]
 
@@ -140,6 +155,10 @@ _Q_REST_FLOOR = tl.constexpr(1.1754943508222875e-38)  # FLT_MIN, the smallest no
 _FORWARD_KL = tl.constexpr(0)
 _REVERSE_KL = tl.constexpr(1)
 _JSD = tl.constexpr(2)
+_SKEW_KL = tl.constexpr(3)
+_SKEW_REVERSE_KL = tl.constexpr(4)
+_DIVERGENCE_CODES = {"forward_kl": _FORWARD_KL, "reverse_kl": _REVERSE_KL, "jsd": _JSD, "skew_kl": _SKEW_KL,
+                     "skew_reverse_kl": _SKEW_REVERSE_KL}
 _SLOT_SOFTMAX = tl.constexpr(0)  # "logits", and "logprobs" without the tail bucket
 _SLOT_PROBS = tl.constexpr(1)
 _SLOT_TAIL = tl.constexpr(2)
@@ -155,8 +174,9 @@ class _LaunchParams:
 
 # Launch parameters by shape class (the kernel and its streams): the values of the module docstring, to be
 # tuned on a GPU with bench/gpu.sh. jsd at 8192 hit the 128-register cap of 512 threads and spilled (sm_90
-# ptxas), hence its smaller block; so did the tail bucket (its slot marks) at 16384. Tests shrink the blocks
-# to make rows span several of them.
+# ptxas), hence its smaller block; so did the tail bucket (its slot marks) at 16384. The skew divergences
+# run in the "jsd" class (the same three passes over the row). Tests shrink the blocks to make rows span
+# several of them.
 _LAUNCH = {
     "dense": _LaunchParams(block_v=8192, num_warps=16, num_stages=3, programs_per_sm=1),
     "jsd": _LaunchParams(block_v=4096, num_warps=16, num_stages=3, programs_per_sm=1),
@@ -306,7 +326,7 @@ def _dense_stats(z_row, t_row, V, scale2, DIVERGENCE: tl.constexpr, CE_STATS: tl
         t = tl.load(t_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
         m_q_new, alpha_q, e_q = _rescale(m_q, z, scale2)
         m_p_new, alpha_p, e_p = _rescale(m_p, t, scale2)
-        if DIVERGENCE != _JSD:
+        if DIVERGENCE == _FORWARD_KL or DIVERGENCE == _REVERSE_KL:
             # Centred differences: exact for close logits however large, so D is shift-invariant.
             dzt = (z - _finite_max(m_q_new)) - (t - _finite_max(m_p_new))
             shift = (m_q_new - m_q) - (m_p_new - m_p)  # dq - dp, raw units
@@ -328,8 +348,9 @@ def _dense_stats(z_row, t_row, V, scale2, DIVERGENCE: tl.constexpr, CE_STATS: tl
 
 
 @triton.jit
-def _jsd_sums(z_row, t_row, V, m_q, log2l_q, m_p, log2l_p, scale2, log2_beta, log2_1m_beta, BLOCK_V: tl.constexpr):
-    """Pass 2 of jsd, backwards (L2 reuse): sum_j p_j log2(p_j / M_j) and sum_j q_j log2(q_j / M_j)."""
+def _jsd_sums(z_row, t_row, V, m_q, log2l_q, m_p, log2l_p, scale2, log2_wp, log2_wq, BLOCK_V: tl.constexpr):
+    """Pass 2 of jsd, backwards (L2 reuse): sum_j p_j log2(p_j / M_j) and sum_j q_j log2(q_j / M_j),
+    M = w_p p + w_q q."""
     sp = 0.0
     sq = 0.0
     offs = tl.arange(0, BLOCK_V)
@@ -341,7 +362,7 @@ def _jsd_sums(z_row, t_row, V, m_q, log2l_q, m_p, log2l_p, scale2, log2_beta, lo
         t = tl.load(t_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
         lq = (z - m_q) * scale2 - log2l_q
         lp = (t - m_p) * scale2 - log2l_p
-        lm = _logaddexp2(lp + log2_beta, lq + log2_1m_beta)
+        lm = _logaddexp2(lp + log2_wp, lq + log2_wq)
         q = tl.exp2(lq)
         p = tl.exp2(lp)
         sq += tl.sum(tl.where(q > 0, q * (lq - lm), 0.0), axis=0)
@@ -350,17 +371,63 @@ def _jsd_sums(z_row, t_row, V, m_q, log2l_q, m_p, log2l_p, scale2, log2_beta, lo
 
 
 @triton.jit
-def _dense_grad_pass(z_row, t_row, g_row, V, y, m_q, log2l_q, m_p, log2l_p, m_c, log2l_c, k_rev, sq, scale2, inv_t,
-                     kh, ks, beta, log2_beta, log2_1m_beta, DIVERGENCE: tl.constexpr, HARD: tl.constexpr,
+def _skew_weighted_p(p, lp, lq, lm, log2_wq):
+    """skew_kl's p_j w_j = p_j (1 - alpha) q_j / M_j from the logs; 0 where p_j = 0."""
+    return tl.where(p > 0, tl.exp2(lp + log2_wq + lq - lm), 0.0)
+
+
+@triton.jit
+def _skew_reverse_v(lp, lm, log2_wp):
+    """skew_reverse_kl's v_j = (1 - alpha) p_j / M_j from the logs (NaN where p = q = 0: unused there)."""
+    return tl.exp2(log2_wp + lp - lm)
+
+
+@triton.jit
+def _skew_sums(z_row, t_row, V, m_q, log2l_q, m_p, log2l_p, scale2, log2_wp, log2_wq, DIVERGENCE: tl.constexpr,
+               BLOCK_V: tl.constexpr):
+    """Pass 2 of the skew divergences, backwards (L2 reuse): (D, the gradient's row constant k), with
+    dD/db_j = q_j k - p_j w_j for skew_kl (k = S) and q_j ((log(q_j / M_j) + v_j) - k) for skew_reverse_kl
+    (k = D + V), M = w_p p + w_q q."""
+    d = 0.0
+    s = 0.0
+    offs = tl.arange(0, BLOCK_V)
+    num_blocks = tl.cdiv(V, BLOCK_V)
+    for i in range(num_blocks):
+        cols = (num_blocks - 1 - i) * BLOCK_V + offs
+        mask = cols < V
+        z = tl.load(z_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+        t = tl.load(t_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
+        lq = (z - m_q) * scale2 - log2l_q
+        lp = (t - m_p) * scale2 - log2l_p
+        lm = _logaddexp2(lp + log2_wp, lq + log2_wq)
+        q = tl.exp2(lq)
+        if DIVERGENCE == _SKEW_KL:
+            p = tl.exp2(lp)
+            d += tl.sum(tl.where(p > 0, p * (lp - lm), 0.0), axis=0)
+            s += tl.sum(_skew_weighted_p(p, lp, lq, lm, log2_wq), axis=0)
+        else:
+            d += tl.sum(tl.where(q > 0, q * (lq - lm), 0.0), axis=0)
+            s += tl.sum(tl.where(q > 0, q * _skew_reverse_v(lp, lm, log2_wp), 0.0), axis=0)  # q_j v_j
+    d = _LN2 * d
+    if DIVERGENCE == _SKEW_KL:
+        k = s
+    else:
+        k = d + s
+    return d, k
+
+
+@triton.jit
+def _dense_grad_pass(z_row, t_row, g_row, V, y, m_q, log2l_q, m_p, log2l_p, m_c, log2l_c, k_rev, sq, skew_k, scale2,
+                     inv_t, kh, ks, beta, log2_wp, log2_wq, DIVERGENCE: tl.constexpr, HARD: tl.constexpr,
                      SAME_T: tl.constexpr, EMULATE_RTNE: tl.constexpr, BLOCK_V: tl.constexpr):
     """Last pass: the gradient, walking opposite to the previous pass (its last blocks are in L2)."""
     offs = tl.arange(0, BLOCK_V)
     num_blocks = tl.cdiv(V, BLOCK_V)
     for i in range(num_blocks):
-        if DIVERGENCE == _JSD:
-            block = i
-        else:
+        if DIVERGENCE == _FORWARD_KL or DIVERGENCE == _REVERSE_KL:
             block = num_blocks - 1 - i
+        else:
+            block = i
         cols = block * BLOCK_V + offs
         mask = cols < V
         z = tl.load(z_row + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
@@ -374,10 +441,18 @@ def _dense_grad_pass(z_row, t_row, g_row, V, y, m_q, log2l_q, m_p, log2l_p, m_c,
             # exactly, so no ulp of D is left where the exact value is 0 (the student's mode).
             dzt = (z - m_q) - (t - _finite_max(m_p))
             d = tl.where(q > 0, q * ((dzt - k_rev) * inv_t), 0.0)
-        else:
+        elif DIVERGENCE == _JSD:
             lp = (t - m_p) * scale2 - log2l_p
-            lm = _logaddexp2(lp + log2_beta, lq + log2_1m_beta)
+            lm = _logaddexp2(lp + log2_wp, lq + log2_wq)
             d = (1.0 - beta) * _LN2 * (tl.where(q > 0, q * (lq - lm), 0.0) - q * sq)
+        elif DIVERGENCE == _SKEW_KL:  # q_j S - p_j w_j
+            lp = (t - m_p) * scale2 - log2l_p
+            lm = _logaddexp2(lp + log2_wp, lq + log2_wq)
+            d = q * skew_k - _skew_weighted_p(tl.exp2(lp), lp, lq, lm, log2_wq)
+        else:  # skew_reverse_kl: q_j ((log(q_j / M_j) + v_j) - (D + V))
+            lp = (t - m_p) * scale2 - log2l_p
+            lm = _logaddexp2(lp + log2_wp, lq + log2_wq)
+            d = tl.where(q > 0, q * ((_LN2 * (lq - lm) + _skew_reverse_v(lp, lm, log2_wp)) - skew_k), 0.0)
         g = ks * d
         if HARD:
             g += kh * _ce_term(q, z, cols, y, m_c, log2l_c, SAME_T)
@@ -403,9 +478,9 @@ def _kd_loss_dense_kernel(
     soft_grad,  # c / T
     soft_scale,  # c
     grad_scale,  # 1, or 2^H (deferred fp16 gradient)
-    beta,
-    log2_beta,
-    log2_1m_beta,
+    beta,  # jsd
+    log2_wp,  # jsd and skew: log2 of p's weight in the mixture M
+    log2_wq,  # log2 of q's weight in M
     DIVERGENCE: tl.constexpr,
     HAS_LABELS: tl.constexpr,
     HARD: tl.constexpr,  # labels and hard_weight != 0: the CE gradient term is written
@@ -438,15 +513,18 @@ def _kd_loss_dense_kernel(
                 log2l_c = tl.log2(l_c)
             sq = 0.0
             k_rev = 0.0
+            skew_k = 0.0
             if DIVERGENCE == _FORWARD_KL:  # D = acc / (T l_p) + ln l_q - ln l_p
                 div = acc / l_p * inv_t + _LN2 * (log2l_q - log2l_p)
             elif DIVERGENCE == _REVERSE_KL:  # D = acc / (T l_q) + ln l_p - ln l_q
                 k_rev = acc / l_q
                 div = k_rev * inv_t + _LN2 * (log2l_p - log2l_q)
-            else:
-                sp, sq = _jsd_sums(z_row, t_row, V, m_q, log2l_q, m_p, log2l_p, scale2, log2_beta, log2_1m_beta,
-                                   BLOCK_V)
+            elif DIVERGENCE == _JSD:
+                sp, sq = _jsd_sums(z_row, t_row, V, m_q, log2l_q, m_p, log2l_p, scale2, log2_wp, log2_wq, BLOCK_V)
                 div = _LN2 * (beta * sp + (1.0 - beta) * sq)
+            else:
+                div, skew_k = _skew_sums(z_row, t_row, V, m_q, log2l_q, m_p, log2l_p, scale2, log2_wp, log2_wq,
+                                         DIVERGENCE, BLOCK_V)
             ce = 0.0
             if HAS_LABELS:
                 ce = _ce_value(z_row, y, m_c, log2l_c)
@@ -457,7 +535,7 @@ def _kd_loss_dense_kernel(
                 if teacher_ok:
                     kh, ks = _grad_weights(divisor_ptr, hard_weight, soft_grad, grad_scale, DIVIDE)
                     _dense_grad_pass(z_row, t_row, g_row, V, y, m_q, log2l_q, m_p, log2l_p, m_c, log2l_c, k_rev, sq,
-                                     scale2, inv_t, kh, ks, beta, log2_beta, log2_1m_beta, DIVERGENCE, HARD, SAME_T,
+                                     skew_k, scale2, inv_t, kh, ks, beta, log2_wp, log2_wq, DIVERGENCE, HARD, SAME_T,
                                      EMULATE_RTNE, BLOCK_V)
                 else:
                     _zero_row(g_row, V, BLOCK_V)
@@ -731,11 +809,22 @@ def _emulate_rtne(tensor: torch.Tensor) -> bool:
 
 
 def _effective_divergence(opts: LossOptions) -> int:
-    if opts.divergence == "forward_kl" or (opts.divergence == "jsd" and opts.beta == 0.0):
-        return _FORWARD_KL.value
-    if opts.divergence == "reverse_kl" or (opts.divergence == "jsd" and opts.beta == 1.0):
-        return _REVERSE_KL.value
-    return _JSD.value
+    """The kernel's DIVERGENCE (kdfast._contract.effective_divergence: the limits run as forward /
+    reverse KL)."""
+    return _DIVERGENCE_CODES[effective_divergence(opts.divergence, opts.beta, opts.alpha)].value
+
+
+def _log2_mixture_weights(divergence: int, opts: LossOptions) -> tuple[float, float]:
+    """log2 of p's and q's weights in the mixture M (both in (0, 1) here); unused (0) by forward / reverse KL."""
+    if divergence == _JSD.value:
+        weight_p = opts.beta
+    elif divergence == _SKEW_KL.value:
+        weight_p = opts.alpha
+    elif divergence == _SKEW_REVERSE_KL.value:
+        weight_p = 1.0 - opts.alpha
+    else:
+        return 0.0, 0.0
+    return math.log2(weight_p), math.log2(1.0 - weight_p)
 
 
 def _slot_kind(opts: LossOptions) -> int:
@@ -832,13 +921,13 @@ def _launch(
     )
     if teacher_logits is not None:
         divergence = _effective_divergence(opts)
-        jsd = divergence == _JSD.value  # 0 < beta < 1 there; the logs are unused otherwise
-        kind = "jsd" if jsd else "dense"
+        log2_wp, log2_wq = _log2_mixture_weights(divergence, opts)
+        kind = "dense" if divergence in (_FORWARD_KL.value, _REVERSE_KL.value) else "jsd"
         block, warps, stages = _launch_config(kind, vocab)
         _kd_loss_dense_kernel[_grid(kind, n, logits.device)](
             logits, teacher_logits, **common, inv_t=1.0 / opts.temperature, beta=opts.beta,
-            log2_beta=math.log2(opts.beta) if jsd else 0.0, log2_1m_beta=math.log2(1.0 - opts.beta) if jsd else 0.0,
-            DIVERGENCE=divergence, BLOCK_V=block, num_warps=warps, num_stages=stages,
+            log2_wp=log2_wp, log2_wq=log2_wq, DIVERGENCE=divergence, BLOCK_V=block, num_warps=warps,
+            num_stages=stages,
         )
     else:
         k = teacher_indices.shape[1]
@@ -883,17 +972,18 @@ def _scale_grad(
 # ----------------------------------------------------------------------------------------------
 
 
-def _options(temperature, hard_weight, soft_weight, divergence, beta, teacher_kind, tail, ignore_index,
+def _options(temperature, hard_weight, soft_weight, divergence, beta, alpha, teacher_kind, tail, ignore_index,
              reduction, scale_t2, compute_grad, inplace) -> LossOptions:
     return LossOptions(
         temperature=temperature, hard_weight=hard_weight, soft_weight=soft_weight, divergence=divergence,
-        beta=beta, teacher_kind=teacher_kind, tail=tail, ignore_index=ignore_index, reduction=reduction,
+        beta=beta, alpha=alpha, teacher_kind=teacher_kind, tail=tail, ignore_index=ignore_index, reduction=reduction,
         scale_t2=scale_t2, inplace=inplace, compute_grad=compute_grad,
     )
 
 
 def _option_args(opts: LossOptions) -> tuple:
-    return (opts.temperature, opts.hard_weight, opts.soft_weight, opts.divergence, opts.beta, opts.teacher_kind,
+    return (opts.temperature, opts.hard_weight, opts.soft_weight, opts.divergence, opts.beta, opts.alpha,
+            opts.teacher_kind,
             opts.tail, opts.ignore_index, opts.reduction, opts.scale_t2, opts.compute_grad)
 
 
@@ -918,6 +1008,7 @@ def _kd_loss_op(
     soft_weight: float,
     divergence: str,
     beta: float,
+    alpha: float,
     teacher_kind: str,
     tail: bool,
     ignore_index: int,
@@ -926,7 +1017,7 @@ def _kd_loss_op(
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, ce_rows, div_rows, grad [N, V], or [0] without compute_grad) into a new gradient buffer."""
-    opts = _options(temperature, hard_weight, soft_weight, divergence, beta, teacher_kind, tail, ignore_index,
+    opts = _options(temperature, hard_weight, soft_weight, divergence, beta, alpha, teacher_kind, tail, ignore_index,
                     reduction, scale_t2, compute_grad, inplace=False)
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
     teacher = (teacher_logits, teacher_indices, teacher_values, teacher_tail)
@@ -936,8 +1027,8 @@ def _kd_loss_op(
 
 @_kd_loss_op.register_fake
 def _(logits, labels, teacher_logits, teacher_indices, teacher_values, teacher_tail, divisor, grad_log2_scale,
-      temperature, hard_weight, soft_weight, divergence, beta, teacher_kind, tail, ignore_index, reduction, scale_t2,
-      compute_grad):
+      temperature, hard_weight, soft_weight, divergence, beta, alpha, teacher_kind, tail, ignore_index, reduction,
+      scale_t2, compute_grad):
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
     return (*_fake_outputs(logits, reduction), grad)
 
@@ -957,6 +1048,7 @@ def _kd_loss_inplace_op(
     soft_weight: float,
     divergence: str,
     beta: float,
+    alpha: float,
     teacher_kind: str,
     tail: bool,
     ignore_index: int,
@@ -965,7 +1057,7 @@ def _kd_loss_inplace_op(
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, ce_rows, div_rows); the gradient replaces the logits."""
-    opts = _options(temperature, hard_weight, soft_weight, divergence, beta, teacher_kind, tail, ignore_index,
+    opts = _options(temperature, hard_weight, soft_weight, divergence, beta, alpha, teacher_kind, tail, ignore_index,
                     reduction, scale_t2, compute_grad, inplace=True)
     teacher = (teacher_logits, teacher_indices, teacher_values, teacher_tail)
     return _launch(logits, labels, *teacher, divisor, logits, grad_log2_scale, opts)
@@ -973,8 +1065,8 @@ def _kd_loss_inplace_op(
 
 @_kd_loss_inplace_op.register_fake
 def _(logits, labels, teacher_logits, teacher_indices, teacher_values, teacher_tail, divisor, grad_log2_scale,
-      temperature, hard_weight, soft_weight, divergence, beta, teacher_kind, tail, ignore_index, reduction, scale_t2,
-      compute_grad):
+      temperature, hard_weight, soft_weight, divergence, beta, alpha, teacher_kind, tail, ignore_index, reduction,
+      scale_t2, compute_grad):
     return _fake_outputs(logits, reduction)
 
 
