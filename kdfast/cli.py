@@ -40,15 +40,22 @@ def threads_option() -> argparse.ArgumentParser:
 
 def set_threads(requested: int | None, command: str) -> int:
     """Set PyTorch's intra-op threads from ``--threads``, else OMP_NUM_THREADS, else the CPUs this
-    process may run on (its affinity mask, which a container or taskset narrows); print the choice."""
+    process may run on (its affinity mask, which a container or taskset narrows) or, for ``demo``, those
+    of them other work leaves free (``busy_cpus``); print the choice."""
     import torch
 
-    from kdfast.report import usable_cpus
+    from kdfast.report import load_average, usable_cpus
 
     if requested is not None:
         threads, why = requested, "--threads"
     elif os.environ.get("OMP_NUM_THREADS", "").strip():
         threads, why = _integer(os.environ["OMP_NUM_THREADS"], "OMP_NUM_THREADS"), "OMP_NUM_THREADS"
+    elif command == "demo" and (load := load_average()) is not None:
+        usable, cpus = usable_cpus(), os.cpu_count() or usable_cpus()
+        busy = busy_cpus(usable, cpus, load[0])
+        threads = max(1, usable - busy)
+        why = (f"{usable} usable CPUs, about {busy} of them kept busy by other work: load average {load[0]:.1f} "
+               f"on {cpus} CPUs")
     else:
         threads, why = usable_cpus(), "the CPUs this process may use"
     if threads < 1:
@@ -58,6 +65,18 @@ def set_threads(requested: int | None, command: str) -> int:
         print(f"kdfast {command}: {threads} PyTorch thread{'s' if threads > 1 else ''} ({why}; "
               f"change with --threads or OMP_NUM_THREADS)", file=sys.stderr)
     return threads
+
+
+def busy_cpus(usable: int, cpus: int, load: float) -> int:
+    """How many of the ``usable`` CPUs other work keeps busy: the 1-minute ``load`` average of the
+    machine's ``cpus``, in proportion to this process's share of them, rounded (at most ``usable``).
+
+    ``kdfast demo`` runs on the others (at least 1): a thread that waits for a busy core holds up the
+    others at every synchronisation, so on a 2-core machine with two other busy processes its steps
+    took 1.5 s with one thread against 5.5 s with two (issue #19). The other commands keep all usable
+    CPUs, so that their results (which round differently with another thread count) do not depend on
+    the load."""
+    return min(usable, math.floor(load * usable / cpus + 0.5))
 
 
 def _integer(text: str, name: str) -> int:
@@ -414,7 +433,8 @@ def add_demo_command(subparsers) -> None:
                               description="Train a tokenizer and a small teacher on the Python standard library, "
                                           "capture its top-k targets, distill a student and compare it with a "
                                           "hard-label baseline; writes report.md and curves.png.")
-    p.add_argument("--out", type=Path, default=Path("demo-out"), help="output directory (must be new or empty)")
+    p.add_argument("--out", type=Path, default=Path("demo-out"),
+                   help="output directory: new or empty, or an interrupted demo run with the same settings to finish")
     p.add_argument("--quick", action="store_true", help="the CI-sized run (well under three minutes on 2 cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and every initialization")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

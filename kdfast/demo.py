@@ -35,6 +35,18 @@ Stages (each timed; the report lists time and tokens/s per stage):
 Each student run's TrainConfig is also written as ``configs/<run>.toml``:
 ``kdfast train --config configs/distill.toml --run-dir new-dir`` repeats the distilled run.
 
+Resuming. Every stage writes its files to temporary names in their directory and renames them into
+place; then it is added to ``stages.json`` (``StageRecords``: the run's settings, and per finished
+stage its time, tokens, note, thread count and result: token counts, parameter counts, the trainer
+summaries, the scores). Rerunning the same command with the same ``--out`` after an interruption skips
+the recorded stages, taking their results from the records, and runs the others: an interrupted
+capture continues after its last complete shard (``kdfast.capture``), an interrupted student run from
+its newest checkpoint (``resume``), any other stage starts again. The report is rebuilt from the
+records, so on the same machine with the same thread count it equals an uninterrupted run's except
+for times and load; the time of a stage that was interrupted is its last attempt's. Other settings
+(``--quick``, ``--seed``) with an existing run are refused with the settings that differ; a non-empty
+directory without ``stages.json`` is refused too.
+
 ``--quick`` is the same pipeline at a size that CI runs (under a minute on two cores): 60 student
 steps of a 1.1 M student from a 2.5 M teacher, there to prove that every stage works rather than to
 make a point. The full run takes about six minutes on two cores.
@@ -53,6 +65,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import sysconfig
 import time
 from dataclasses import asdict, dataclass
@@ -67,6 +81,8 @@ from kdfast.report import describe_machine, load_average, markdown_table, plot_c
 __all__ = ["DemoConfig", "FULL", "QUICK", "run_demo", "summary_text"]
 
 EOS = "<|endoftext|>"
+RECORDS = "stages.json"  # the run's settings and finished stages (StageRecords)
+RECORDS_FORMAT = 1
 _SKIPPED_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__", "encodings"}
 
 
@@ -127,12 +143,14 @@ QUICK = DemoConfig(
 
 @dataclass
 class Stage:
-    """One timed stage: ``tokens`` is what it processed (read, encoded, trained on, captured)."""
+    """One timed stage: ``tokens`` is what it processed (read, encoded, trained on, captured);
+    ``threads``: the PyTorch threads it ran with."""
 
     name: str
     seconds: float
     tokens: int | None = None
     note: str = ""
+    threads: int | None = None
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -156,22 +174,32 @@ class Corpus:
 # ----------------------------------------------------------------------------------------------
 
 
+def stdlib_root() -> Path:
+    """The standard library's directory (``sysconfig``'s ``stdlib`` path)."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
 def stdlib_sources(root: Path | None = None) -> list[Path]:
     """The standard library's .py files in a fixed, platform-independent pseudo-random order."""
-    root = Path(root or sysconfig.get_paths()["stdlib"])
+    root = Path(root or stdlib_root())
     files = [p for p in root.rglob("*.py") if not _SKIPPED_DIRS & set(p.relative_to(root).parts[:-1])]
     return sorted(files, key=lambda p: hashlib.sha1(p.relative_to(root).as_posix().encode()).hexdigest())
 
 
+def read_source(path: Path) -> str:
+    """One source file's text (undecodable bytes replaced, so every file reads)."""
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
 def build_corpus(train_chars: int, heldout_chars: int, root: Path | None = None) -> Corpus:
     """Whole files, held-out first then train, each split filled up to its character budget."""
-    root = Path(root or sysconfig.get_paths()["stdlib"])
+    root = Path(root or stdlib_root())
     corpus = Corpus([], [], [], [])
     chars = {"heldout": 0, "train": 0}
     for path in stdlib_sources(root):
         if chars["train"] >= train_chars:
             break
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = read_source(path)
         if not text.strip():
             continue
         split = "heldout" if chars["heldout"] < heldout_chars else "train"
@@ -181,6 +209,15 @@ def build_corpus(train_chars: int, heldout_chars: int, root: Path | None = None)
     if not corpus.train or not corpus.heldout:
         raise RuntimeError(f"kdfast demo: too little Python source under {root} for a train and a held-out split")
     return corpus
+
+
+def load_corpus(listing: Path) -> Corpus:
+    """The corpus that ``corpus.json`` (its root and the two file lists) names, read again from disk."""
+    files = json.loads(listing.read_text())
+    root = Path(files["root"])
+    return Corpus([read_source(root / name) for name in files["train_files"]],
+                  [read_source(root / name) for name in files["heldout_files"]],
+                  files["train_files"], files["heldout_files"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,7 +350,10 @@ def evaluate_models(models: dict[str, Path], shards: Path) -> dict[str, Scores]:
 
 def student_settings(cfg: DemoConfig, *, train_shards: Path, eval_shards: Path, student: Path, run_dir: Path,
                      hard_weight: float, soft_weight: float, progress: bool) -> dict:
-    """TrainConfig keys of one student run; distill and baseline differ only in the two weights."""
+    """TrainConfig keys of one student run; distill and baseline differ only in the two weights.
+
+    Four checkpoints per run, and ``resume``: a rerun of an interrupted demo continues a student run
+    from its newest checkpoint (in a new ``run_dir`` there is none, and the run starts fresh)."""
     return {
         "train_shards": str(train_shards), "eval_shards": str(eval_shards), "run_dir": str(run_dir),
         "student": str(student), "temperature": cfg.temperature, "tail": True,
@@ -321,7 +361,8 @@ def student_settings(cfg: DemoConfig, *, train_shards: Path, eval_shards: Path, 
         "max_steps": cfg.student_steps, "micro_batch_size": cfg.student_batch, "lr": cfg.student_lr,
         "warmup_steps": max(1, cfg.student_steps // 10), "min_lr_ratio": 0.1, "seed": cfg.seed, "device": "cpu",
         "eval_every": max(1, cfg.student_steps // 5), "eval_sequences": cfg.eval_sequences,
-        "log_every": max(1, cfg.student_steps // 50), "save_every": 0, "keep_checkpoints": 1, "progress": progress,
+        "log_every": max(1, cfg.student_steps // 50), "save_every": max(1, cfg.student_steps // 4),
+        "keep_checkpoints": 1, "resume": True, "progress": progress,
     }
 
 
@@ -339,50 +380,186 @@ def _toml_value(value) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Files written atomically, and the stage records
+# ----------------------------------------------------------------------------------------------
+
+
+def _temporary_name(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place (same directory, so the rename is atomic)."""
+    return path.with_name(f".tmp-{path.name}")
+
+
+def _publish_file(tmp: Path, path: Path) -> None:
+    """fsync the finished ``tmp`` and rename it to ``path`` (replacing an older ``path``)."""
+    from kdfast._io import fsync_path
+
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(path)
+    tmp.write_text(text)
+    _publish_file(tmp, path)
+
+
+def write_json_atomically(path: Path, obj) -> None:
+    write_text_atomically(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def save_array_atomically(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(path)
+    with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
+        np.save(f, array)
+    _publish_file(tmp, path)
+
+
+def publish_directory(path: Path, write):
+    """``write(tmp)`` fills a fresh temporary directory beside ``path``, which is then fsynced and renamed
+    to ``path`` (replacing an older one); returns what ``write`` returned."""
+    from kdfast.train.checkpoint import publish_dir
+
+    tmp = _temporary_name(path)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted attempt
+    tmp.mkdir(parents=True)
+    result = write(tmp)
+    publish_dir(tmp, path)
+    return result
+
+
+class StageRecords:
+    """``out/stages.json``: the run's settings and, for every finished stage, its ``Stage`` fields and
+    its result (a JSON object: what later stages and the report need from it).
+
+    A stage is added only once all its outputs are in place, and the file is rewritten atomically, so a
+    stage listed here is complete: a rerun skips it and takes its result from here."""
+
+    def __init__(self, path: Path, settings: dict, finished: dict[str, dict]):
+        self.path, self.settings, self.finished = path, settings, finished
+
+    @classmethod
+    def open(cls, out: Path, settings: dict) -> StageRecords:
+        """The records of the demo run in ``out``, or new ones when ``out`` is new or empty.
+
+        Raises ValueError when ``out`` holds something else, or a run with other settings."""
+        path = out / RECORDS
+        settings = _json_roundtrip(settings)
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("format") != RECORDS_FORMAT:
+                raise ValueError(f"{path}: stage records of format {saved.get('format')!r}, this kdfast writes "
+                                 f"format {RECORDS_FORMAT}; choose a new --out")
+            differences = settings_differences(saved["settings"], settings)
+            if differences:
+                raise ValueError(f"--out {out} holds a kdfast demo run with other settings "
+                                 f"({'; '.join(differences)}); rerun with that run's settings (--quick, --seed) to "
+                                 "continue it, or choose a new --out")
+            return cls(path, settings, saved["stages"])
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ValueError(f"--out {out} is not an empty directory and holds no kdfast demo run (no {RECORDS}); "
+                             "choose a new or empty directory")
+        out.mkdir(parents=True, exist_ok=True)
+        records = cls(path, settings, {})
+        records.save()
+        return records
+
+    def add(self, stage: Stage, result) -> None:
+        """Record ``stage`` as finished with ``result``."""
+        self.finished[stage.name] = {"stage": asdict(stage), "result": result}
+        self.save()
+
+    def save(self) -> None:
+        write_json_atomically(self.path, {"format": RECORDS_FORMAT, "settings": self.settings,
+                                          "stages": self.finished})
+
+
+def settings_differences(saved: dict, wanted: dict) -> list[str]:
+    """``"key <saved> there, <wanted> here"`` for every setting that differs (nested keys dotted)."""
+    saved, wanted = _flatten(saved), _flatten(wanted)
+    return [f"{key} {saved.get(key)!r} there, {wanted.get(key)!r} here"
+            for key in sorted(saved.keys() | wanted.keys()) if saved.get(key) != wanted.get(key)]
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _json_roundtrip(obj):
+    """``obj`` as it reads back from JSON (lists for tuples), so a fresh result and a recorded one are equal."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
+# ----------------------------------------------------------------------------------------------
 # The pipeline
 # ----------------------------------------------------------------------------------------------
 
 
-class _Clock:
-    """Runs the stages, timing each one and printing a line when it starts and ends."""
+class _Stages:
+    """Runs the stages in order. A stage the records list as finished is skipped and its recorded result
+    returned; any other runs, timed, and is recorded once its outputs are in place."""
 
-    def __init__(self):
+    def __init__(self, records: StageRecords):
+        self.records = records
         self.stages: list[Stage] = []
+        self.reused: list[str] = []  # finished by an earlier run
 
-    def run(self, name: str, fn, *args, tokens=None, note=""):
-        """``fn(*args)``; ``tokens`` and ``note`` may be functions of its result."""
+    def run(self, name: str, fn, *, tokens=None, note="") -> dict:
+        """``fn()``'s result (a JSON object); ``tokens`` and ``note`` may be functions of it."""
+        if name in self.records.finished:
+            record = self.records.finished[name]
+            stage = Stage(**record["stage"])
+            print(f"[kdfast demo] {name}: finished by an earlier run in {stage.seconds:.1f} s; skipped", flush=True)
+            self.stages.append(stage)
+            self.reused.append(name)
+            return record["result"]
         print(f"[kdfast demo] {name} ...", flush=True)
         began = time.perf_counter()
-        out = fn(*args)
-        stage = Stage(name, time.perf_counter() - began, tokens(out) if callable(tokens) else tokens,
-                      note(out) if callable(note) else note)
+        result = _json_roundtrip(fn())
+        stage = Stage(name, time.perf_counter() - began, tokens(result) if callable(tokens) else tokens,
+                      note(result) if callable(note) else note, threads=torch.get_num_threads())
+        self.records.add(stage, result)
         self.stages.append(stage)
         rate = f", {stage.tokens_per_second:,.0f} tokens/s" if stage.tokens_per_second else ""
         print(f"[kdfast demo] {name}: {stage.seconds:.1f} s{rate}", flush=True)
-        return out
+        return result
+
+    def reused_seconds(self) -> float:
+        return sum(stage.seconds for stage in self.stages if stage.name in self.reused)
 
 
 def run_demo(out: Path, cfg: DemoConfig, progress: bool = True) -> dict:
-    """Every stage of the demo into ``out``; returns the report (also written as report.json / report.md)."""
+    """Every stage of the demo into ``out``; returns the report (also written as report.json / report.md).
+
+    ``out`` new or empty: a new run. ``out`` holding a demo run with the same settings (``cfg``): the
+    stages it finished are skipped and the others run (an interrupted capture or student run continues
+    where it stopped). Anything else raises ValueError."""
     out = Path(out).resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out} exists and is not an empty directory; choose a new one")
-    out.mkdir(parents=True, exist_ok=True)
+    records = StageRecords.open(out, asdict(cfg))
     from kdfast.capture import transformers_progress_bars
 
     with transformers_progress_bars(progress):
-        return _Pipeline(out, cfg, progress).run()
+        return _Pipeline(out, cfg, records, progress).run()
 
 
 class _Pipeline:
-    """The stages in order; each method is one stage and leaves its files under ``out``."""
+    """The stages in order; each stage method leaves its files under ``out`` and returns its result."""
 
-    def __init__(self, out: Path, cfg: DemoConfig, progress: bool):
+    def __init__(self, out: Path, cfg: DemoConfig, records: StageRecords, progress: bool):
         self.out, self.cfg, self.progress = out, cfg, progress
-        self.clock = _Clock()
+        self.stages = _Stages(records)
         self.paths = {
-            "out": out, "tokenizer": out / "tokenizer", "teacher": out / "teacher",
-            "student_init": out / "student-init", "train_tokens": out / "data" / "train_tokens.npy",
+            "corpus": out / "corpus.json", "tokenizer": out / "tokenizer", "teacher": out / "teacher",
+            "teacher_log": out / "teacher_log.json", "student_init": out / "student-init",
+            "train_stream": out / "data" / "train_stream.npy", "train_tokens": out / "data" / "train_tokens.npy",
             "heldout_tokens": out / "data" / "heldout_tokens.npy", "train_shards": out / "shards" / "train",
             "heldout_shards": out / "shards" / "heldout",
         }
@@ -390,101 +567,146 @@ class _Pipeline:
     def run(self) -> dict:
         machine, began = describe_machine("cpu"), time.perf_counter()
         print(f"[kdfast demo] {contention_note(machine)}", flush=True)
-        corpus = self.clock.run("corpus", build_corpus, self.cfg.train_chars, self.cfg.heldout_chars,
-                                note=lambda c: f"{len(c.train_files)} + {len(c.heldout_files)} files, "
-                                               f"{c.chars:,} characters")
-        _write_json(self.out / "corpus.json", {"train_files": corpus.train_files, "heldout_files": corpus.heldout_files})
-        tokenizer, train_stream, heldout_sequences = self.tokenize(corpus)
-        teacher_log = self.train_teacher(tokenizer, train_stream)
-        self.clock.run("capture", self.capture, tokens=lambda n: n,
-                       note=f"top-{self.cfg.k} log-probs + tail mass, train and held-out sequences")
-        summaries = self.train_students(tokenizer)
-        models = {"teacher": self.paths["teacher"], "distilled student": self.out / "runs" / "distill" / "final",
-                  "baseline student": self.out / "runs" / "baseline" / "final"}
-        scores = self.clock.run("evaluate", evaluate_models, models, self.paths["heldout_shards"],
-                                tokens=lambda r: sum(s.tokens for s in r.values()),
-                                note=f"{len(heldout_sequences)} held-out sequences per model")
-        report = {
-            "config": asdict(self.cfg),
-            "stages": [asdict(st) | {"tokens_per_second": st.tokens_per_second} for st in self.clock.stages],
-            "scores": {name: asdict(sc) for name, sc in scores.items()},
-            "shards": shard_stats(self.paths["train_shards"], len(tokenizer)), "train_summaries": summaries,
-            "distill_minus_baseline_ce": scores["distilled student"].ce - scores["baseline student"].ce,
-            "total_seconds": time.perf_counter() - began,
-            "machine": machine | {"load_average_after": load_average()},
-        }
-        plot_comparison(self.out / "curves.png",
-                        {f"{name} student": self.out / "runs" / name / "metrics.jsonl" for name in ("distill", "baseline")},
-                        teacher_log=teacher_log, teacher_ce=scores["teacher"].ce)
-        _write_json(self.out / "report.json", report)
-        (self.out / "report.md").write_text(format_report(report))
-        return report
-
-    def tokenize(self, corpus: Corpus):
-        """BPE on the train split; returns the tokenizer, the train stream and the held-out sequences."""
-
-        def train_and_encode():
-            tokenizer = train_tokenizer(corpus.train, self.cfg.vocab_size, self.paths["tokenizer"])
-            return tokenizer, encode_stream(tokenizer, corpus.train), encode_stream(tokenizer, corpus.heldout)
-
-        tokenizer, train_stream, heldout_stream = self.clock.run(
-            "tokenizer", train_and_encode, tokens=lambda r: len(r[1]) + len(r[2]),
-            note=lambda r: f"byte-level BPE, {len(r[0])} tokens; {len(r[1]):,} train + {len(r[2]):,} held-out tokens")
-        heldout_sequences = cut_sequences(heldout_stream, self.cfg.seq_len, self.cfg.eval_sequences)
-        self.paths["train_tokens"].parent.mkdir(parents=True, exist_ok=True)
-        np.save(self.paths["train_tokens"], cut_sequences(train_stream, self.cfg.seq_len, self.cfg.capture_sequences))
-        np.save(self.paths["heldout_tokens"], heldout_sequences)
-        return tokenizer, train_stream, heldout_sequences
-
-    def train_teacher(self, tokenizer, train_stream: np.ndarray) -> list[dict]:
+        self.warn_about_other_thread_counts(machine["threads"])
         cfg = self.cfg
-        teacher = new_model(cfg.teacher, len(tokenizer), cfg.seq_len, tokenizer.eos_token_id, cfg.seed)
-        log = self.clock.run("teacher", train_teacher, teacher, train_stream, cfg, self.progress,
-                             tokens=cfg.teacher_steps * cfg.teacher_batch * cfg.seq_len,
-                             note=f"{count_parameters(teacher) / 1e6:.2f} M parameters, {cfg.teacher_steps} steps")
-        teacher.save_pretrained(self.paths["teacher"])
-        tokenizer.save_pretrained(self.paths["teacher"])
-        _write_json(self.out / "teacher_log.json", log)
-        return log
-
-    def capture(self) -> int:
-        """Top-k targets of the train and the held-out sequences; returns the tokens captured."""
-        from kdfast.capture import capture, load_token_file
-
-        tokens = 0
-        for split in ("train", "heldout"):
-            result = capture(self.paths["teacher"], load_token_file(self.paths[f"{split}_tokens"]),
-                             self.paths[f"{split}_shards"], k=self.cfg.k, device="cpu",
-                             tokenizer=self.paths["tokenizer"], progress=self.progress)
-            tokens += result.captured_tokens
-        return tokens
-
-    def train_students(self, tokenizer) -> dict[str, dict]:
-        """One saved initialization, then two trainer runs from it: distilled, then hard labels only."""
-        cfg = self.cfg
-        student = new_model(cfg.student, len(tokenizer), cfg.seq_len, tokenizer.eos_token_id, cfg.seed + 1)
-        student.save_pretrained(self.paths["student_init"])
-        tokenizer.save_pretrained(self.paths["student_init"])
-        params = count_parameters(student) / 1e6
+        self.stages.run("corpus", self.collect_corpus,
+                        note=lambda r: f"{r['train_files']} + {r['heldout_files']} files, {r['chars']:,} characters")
+        vocab = self.stages.run(
+            "tokenizer", self.train_tokenizer_and_encode, tokens=lambda r: r["train_tokens"] + r["heldout_tokens"],
+            note=lambda r: f"byte-level BPE, {r['vocab']} tokens; {r['train_tokens']:,} train + "
+                           f"{r['heldout_tokens']:,} held-out tokens")
+        self.stages.run("teacher", lambda: self.train_and_save_teacher(vocab),
+                        tokens=cfg.teacher_steps * cfg.teacher_batch * cfg.seq_len,
+                        note=lambda r: f"{r['parameters'] / 1e6:.2f} M parameters, {cfg.teacher_steps} steps")
+        self.stages.run("capture", self.capture_targets, tokens=lambda r: r["train_tokens"] + r["heldout_tokens"],
+                        note=f"top-{cfg.k} log-probs + tail mass, train and held-out sequences")
         summaries = {}
         for name, hard, soft in (("distill", cfg.hard_weight, cfg.soft_weight), ("baseline", 1.0, 0.0)):
-            summaries[name] = self.clock.run(name, self.train_student, name, hard, soft, tokens=lambda s: s["tokens"],
-                                             note=f"{params:.2f} M parameters, hard {hard:g} / soft {soft:g}")
-        return summaries
+            result = self.stages.run(
+                name, lambda: self.train_student(name, hard, soft, vocab), tokens=lambda r: r["summary"]["tokens"],
+                note=lambda r: f"{r['parameters'] / 1e6:.2f} M parameters, hard {hard:g} / soft {soft:g}")
+            summaries[name] = result["summary"]
+        scores = self.stages.run("evaluate", self.evaluate, tokens=lambda r: sum(s["tokens"] for s in r.values()),
+                                 note=f"{vocab['heldout_sequences']} held-out sequences per model")
+        report = {
+            "config": asdict(cfg),
+            "stages": [asdict(st) | {"tokens_per_second": st.tokens_per_second} for st in self.stages.stages],
+            "scores": scores,
+            "shards": shard_stats(self.paths["train_shards"], vocab["vocab"]), "train_summaries": summaries,
+            "distill_minus_baseline_ce": scores["distilled student"]["ce"] - scores["baseline student"]["ce"],
+            "resumed_stages": self.stages.reused,
+            "total_seconds": self.stages.reused_seconds() + time.perf_counter() - began,
+            "machine": machine | {"load_average_after": load_average()},
+        }
+        self.write_report(report)
+        return report
 
-    def train_student(self, name: str, hard_weight: float, soft_weight: float) -> dict:
-        """One Trainer run (its settings also saved as configs/<name>.toml); returns its summary."""
+    def warn_about_other_thread_counts(self, threads: int) -> None:
+        """Say so when finished stages ran with another thread count: it rounds differently."""
+        earlier = {r["stage"]["threads"] for r in self.stages.records.finished.values()} - {threads}
+        if earlier:
+            counts = " and ".join(map(str, sorted(earlier)))
+            print(f"[kdfast demo] continuing a run whose finished stages used {counts} PyTorch threads with "
+                  f"{threads}: the results may differ in the last digits from an uninterrupted run (--threads "
+                  f"sets the count)", flush=True)
+
+    def collect_corpus(self) -> dict:
+        """The train / held-out split, listed in corpus.json (the next stage reads the files again)."""
+        root = stdlib_root()
+        corpus = build_corpus(self.cfg.train_chars, self.cfg.heldout_chars, root)
+        write_json_atomically(self.paths["corpus"], {"root": str(root), "train_files": corpus.train_files,
+                                                     "heldout_files": corpus.heldout_files})
+        return {"train_files": len(corpus.train_files), "heldout_files": len(corpus.heldout_files),
+                "chars": corpus.chars}
+
+    def train_tokenizer_and_encode(self) -> dict:
+        """BPE on the train split; the train stream, the sequences to capture and the held-out sequences."""
+        cfg = self.cfg
+        corpus = load_corpus(self.paths["corpus"])
+        tokenizer = publish_directory(self.paths["tokenizer"],
+                                      lambda tmp: train_tokenizer(corpus.train, cfg.vocab_size, tmp))
+        train_stream, heldout_stream = encode_stream(tokenizer, corpus.train), encode_stream(tokenizer, corpus.heldout)
+        heldout_sequences = cut_sequences(heldout_stream, cfg.seq_len, cfg.eval_sequences)
+        save_array_atomically(self.paths["train_stream"], train_stream)
+        save_array_atomically(self.paths["train_tokens"],
+                              cut_sequences(train_stream, cfg.seq_len, cfg.capture_sequences))
+        save_array_atomically(self.paths["heldout_tokens"], heldout_sequences)
+        return {"vocab": len(tokenizer), "eos_id": tokenizer.eos_token_id, "train_tokens": len(train_stream),
+                "heldout_tokens": len(heldout_stream), "heldout_sequences": len(heldout_sequences)}
+
+    def train_and_save_teacher(self, vocab: dict) -> dict:
+        cfg = self.cfg
+        teacher = new_model(cfg.teacher, vocab["vocab"], cfg.seq_len, vocab["eos_id"], cfg.seed)
+        log = train_teacher(teacher, np.load(self.paths["train_stream"]), cfg, self.progress)
+        publish_directory(self.paths["teacher"], lambda tmp: self.save_model(teacher, tmp))
+        write_json_atomically(self.paths["teacher_log"], log)
+        return {"parameters": count_parameters(teacher)}
+
+    def save_model(self, model, directory: Path) -> None:
+        """``save_pretrained`` with the tokenizer's files beside the weights."""
+        model.save_pretrained(directory)
+        for file in self.paths["tokenizer"].iterdir():
+            shutil.copy2(file, directory / file.name)
+
+    def capture_targets(self) -> dict:
+        """Top-k targets of the train and the held-out sequences (an interrupted capture continues)."""
+        from kdfast.capture import capture, load_token_file
+        from kdfast.shards import open_shards
+
+        tokens = {}
+        for split in ("train", "heldout"):
+            capture(self.paths["teacher"], load_token_file(self.paths[f"{split}_tokens"]),
+                    self.paths[f"{split}_shards"], k=self.cfg.k, device="cpu", tokenizer=self.paths["tokenizer"],
+                    progress=self.progress)
+            tokens[f"{split}_tokens"] = open_shards(self.paths[f"{split}_shards"]).manifest["num_tokens"]
+        return tokens
+
+    def save_student_init(self, vocab: dict) -> None:
+        """The one initialization both student runs start from (saved by the first run that needs it)."""
+        if self.paths["student_init"].is_dir():
+            return
+        cfg = self.cfg
+        student = new_model(cfg.student, vocab["vocab"], cfg.seq_len, vocab["eos_id"], cfg.seed + 1)
+        publish_directory(self.paths["student_init"], lambda tmp: self.save_model(student, tmp))
+
+    def train_student(self, name: str, hard_weight: float, soft_weight: float, vocab: dict) -> dict:
+        """One Trainer run (its settings also saved as configs/<name>.toml): its summary and parameter count.
+
+        A run interrupted after a checkpoint continues from it; one interrupted before its first
+        checkpoint starts again from nothing."""
         from kdfast.train import TrainConfig, Trainer
+        from kdfast.train.checkpoint import list_checkpoints
 
+        self.save_student_init(vocab)
+        run_dir = self.out / "runs" / name
         settings = student_settings(self.cfg, train_shards=self.paths["train_shards"],
                                     eval_shards=self.paths["heldout_shards"], student=self.paths["student_init"],
-                                    run_dir=self.out / "runs" / name, hard_weight=hard_weight,
-                                    soft_weight=soft_weight, progress=self.progress)
-        config = self.out / "configs" / f"{name}.toml"
-        config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(to_toml(settings))
+                                    run_dir=run_dir, hard_weight=hard_weight, soft_weight=soft_weight,
+                                    progress=self.progress)
+        write_text_atomically(self.out / "configs" / f"{name}.toml", to_toml(settings))
+        checkpoints = list_checkpoints(run_dir)
+        if checkpoints:
+            print(f"[kdfast demo] {name}: continuing from {checkpoints[-1].relative_to(self.out)}", flush=True)
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
         with Trainer(TrainConfig(**settings)) as trainer:
-            return trainer.train()
+            summary = trainer.train()
+            return {"summary": summary, "parameters": count_parameters(trainer.student)}
+
+    def evaluate(self) -> dict:
+        models = {"teacher": self.paths["teacher"], "distilled student": self.out / "runs" / "distill" / "final",
+                  "baseline student": self.out / "runs" / "baseline" / "final"}
+        return {name: asdict(scores) for name, scores in evaluate_models(models, self.paths["heldout_shards"]).items()}
+
+    def write_report(self, report: dict) -> None:
+        """curves.png, report.json and report.md, each written to a temporary name and renamed."""
+        runs = {f"{name} student": self.out / "runs" / name / "metrics.jsonl" for name in ("distill", "baseline")}
+        curves = _temporary_name(self.out / "curves.png")
+        if plot_comparison(curves, runs, teacher_log=json.loads(self.paths["teacher_log"].read_text()),
+                           teacher_ce=report["scores"]["teacher"]["ce"]):
+            _publish_file(curves, self.out / "curves.png")
+        write_json_atomically(self.out / "report.json", report)
+        write_text_atomically(self.out / "report.md", format_report(report))
 
 
 def shard_stats(directory: Path, vocab: int) -> dict:
@@ -515,15 +737,32 @@ def format_report(report: dict) -> str:
         (f"The distilled student {verdict} the hard-label baseline on held-out cross-entropy by {abs(delta):.4f} "
          f"nats/token (perplexity {distilled:.1f} vs {baseline:.1f})."), "",
         "## Stages", "", stages_table(report["stages"]), "",
-        f"Total wall time: {report['total_seconds']:.1f} s. {machine_text(machine)}", "",
+        f"Total wall time: {report['total_seconds']:.1f} s. {machine_text(machine)}{history_text(report)}", "",
         "## Shards", "",
         (f"{shards['tokens']:,} training tokens in {shards['bytes']:,} bytes: **{shards['bytes_per_token']:.1f} "
          f"bytes/token** (top-{shards['k']}, {shards['value_dtype']} values, {shards['index_encoding']} indices, "
          f"tail mass), against {dense:,} bytes/token for dense fp16 logits ({dense / shards['bytes_per_token']:.0f}x)."),
         "",
         "## Settings", "", "```", json.dumps(cfg, indent=1), "```", "",
-        "Curves: `curves.png`. Configs of the two student runs: `configs/*.toml`.", "",
+        "Curves: `curves.png`. Configs of the two student runs: `configs/*.toml`. What drives the gain "
+        "(ablations of teacher steps, captured sequences, loss weights, k and the tail bucket, run with this "
+        "pipeline): docs/demo-report.md in the kdfast repository.", "",
     ])
+
+
+def history_text(report: dict) -> str:
+    """The stages an earlier run finished (their times are that run's), and thread counts when the stages'
+    differ (they round differently); empty for one uninterrupted run."""
+    text = ""
+    if report["resumed_stages"]:
+        text += (f" Resumed: {', '.join(report['resumed_stages'])} finished in an earlier run in this directory "
+                 f"(their times are that run's).")
+    threads = {stage["name"]: stage["threads"] for stage in report["stages"]}
+    if len(set(threads.values())) > 1:
+        counts = ", ".join(f"{name} {count}" for name, count in threads.items())
+        text += (f" The stages ran with different PyTorch thread counts ({counts}), so the losses may differ in "
+                 f"the last digits from a run with one count.")
+    return text
 
 
 def contention_note(machine: dict) -> str:
@@ -574,8 +813,3 @@ def _json_default(obj):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import sys
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import kdfast
+from kdfast import cli
 from kdfast.cli import main
 from kdfast.report import usable_cpus
 
@@ -52,6 +54,29 @@ def test_threads_come_from_the_option_the_environment_or_the_affinity(capture_ar
     assert torch.get_num_threads() == expected
     err = capsys.readouterr().err
     assert f"kdfast capture: {expected} PyTorch thread" in err and f"({reason};" in err
+
+
+@pytest.mark.parametrize("usable,cpus,load,busy", [
+    (2, 2, 0.2, 0), (2, 2, 0.6, 1), (2, 2, 1.4, 1), (2, 2, 1.6, 2), (2, 2, 7.0, 2),  # a 2-core machine
+    (2, 64, 30.0, 1), (2, 64, 10.0, 0),  # 2 CPUs of a 64-CPU host: its load in proportion
+    (8, 8, 3.4, 3),
+])
+def test_busy_cpus_are_the_load_average_in_proportion_to_the_usable_cpus(usable, cpus, load, busy):
+    assert cli.busy_cpus(usable, cpus, load) == busy
+
+
+def test_the_demo_leaves_the_busy_cpus_to_the_other_work(monkeypatch, capsys):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        threads = cli.set_threads(None, "demo")
+        assert torch.get_num_threads() == threads
+        assert cli.set_threads(1, "demo") == 1 == torch.get_num_threads()  # --threads still decides
+    finally:
+        torch.set_num_threads(before)
+    err = capsys.readouterr().err
+    busy = int(re.search(r"about (\d+) of them kept busy by other work: load average [\d.]+ on \d+ CPUs", err)[1])
+    assert threads == max(1, usable_cpus() - busy) and f"kdfast demo: {threads} PyTorch thread" in err
 
 
 @pytest.mark.parametrize("option,environment,problem", [

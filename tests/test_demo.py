@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -102,11 +103,67 @@ def test_report_has_every_row_and_finite_numbers(quick_demo):
     assert "bytes/token" in markdown
 
 
-def test_demo_refuses_a_non_empty_output_directory(tmp_path):
+def test_every_stage_is_recorded_with_its_result(quick_demo):
+    _, out, _ = quick_demo
+    records = json.loads((out / "stages.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert records["settings"] == dataclasses.asdict(demo.QUICK)
+    assert list(records["stages"]) == list(STAGES) and report["resumed_stages"] == []
+    assert [records["stages"][name]["stage"] for name in STAGES] == [
+        {key: stage[key] for key in ("name", "seconds", "tokens", "note", "threads")} for stage in report["stages"]]
+    assert records["stages"]["evaluate"]["result"] == report["scores"]
+    assert {name: records["stages"][name]["result"]["summary"] for name in ("distill", "baseline")} == \
+        report["train_summaries"]
+    assert not [path for path in out.rglob(".tmp-*")]
+
+
+def test_demo_refuses_a_non_empty_directory_that_holds_no_demo_run(tmp_path):
     (tmp_path / "keep.txt").write_text("user data")
-    with pytest.raises(ValueError, match="not an empty directory"):
+    with pytest.raises(ValueError, match="is not an empty directory and holds no kdfast demo run"):
         demo.run_demo(tmp_path, demo.QUICK, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
     assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_demo_refuses_a_run_with_other_settings_and_names_them(tmp_path):
+    demo.StageRecords.open(tmp_path, dataclasses.asdict(demo.QUICK))
+    records = (tmp_path / "stages.json").read_bytes()
+    with pytest.raises(ValueError, match=r"holds a kdfast demo run with other settings \(seed 0 there, 1 here\)"):
+        demo.run_demo(tmp_path, dataclasses.replace(demo.QUICK, seed=1), progress=False)
+    with pytest.raises(ValueError) as refused:
+        demo.run_demo(tmp_path, demo.FULL, progress=False)
+    for difference in ("name 'quick' there, 'full' here", "teacher.hidden 128 there, 256 here",
+                       "teacher_steps 80 there, 600 here", "k 32 there, 64 here"):
+        assert difference in str(refused.value)
+    assert "vocab_size" not in str(refused.value)  # the same in both
+    assert (tmp_path / "stages.json").read_bytes() == records
+
+
+def test_the_cli_refuses_other_settings_in_one_line(tmp_path, capsys):
+    demo.StageRecords.open(tmp_path, dataclasses.asdict(demo.QUICK))
+    threads = torch.get_num_threads()
+    try:
+        assert main(["demo", "--quick", "--seed", "3", "--threads", "1", "--out", str(tmp_path)]) == 2
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert "kdfast demo: error: --out" in err and "(seed 0 there, 3 here)" in err and "Traceback" not in err
+
+
+def test_stage_records_read_back_what_was_recorded(tmp_path):
+    records = demo.StageRecords.open(tmp_path / "out", dataclasses.asdict(demo.QUICK))
+    stage = demo.Stage("corpus", 1.5, None, "2 + 1 files", threads=1)
+    records.add(stage, {"train_files": 2, "ce": 0.1 + 0.2})
+    again = demo.StageRecords.open(tmp_path / "out", dataclasses.asdict(demo.QUICK))
+    assert again.finished == {"corpus": {"stage": dataclasses.asdict(stage), "result": {"train_files": 2,
+                                                                                        "ce": 0.1 + 0.2}}}
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["stages.json"]
+
+
+def test_stage_records_of_another_format_are_refused(tmp_path):
+    (tmp_path / "stages.json").write_text(json.dumps({"format": 99, "settings": {}, "stages": {}}))
+    with pytest.raises(ValueError, match="stage records of format 99"):
+        demo.StageRecords.open(tmp_path, dataclasses.asdict(demo.QUICK))
 
 
 def test_contention_note_reads_the_load_average():
