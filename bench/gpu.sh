@@ -10,12 +10,15 @@
 # 2. the CUDA cases of bench/bench_kd_loss.py (kdfast vs torch eager / compile / Liger, GB/s against
 #    the bytes the op must move and against the measured copy bandwidth), then its markdown table;
 # 3. the CUDA run of bench/bench_fused_linear_kd_loss.py (the fused linear path on the Triton kernel).
+# 4. the CUDA run of bench/bench_step.py (one distillation training step of a small Llama student:
+#    kdfast's fused linear loss against full logits + a plain-PyTorch sparse KL, eager and compiled).
 #
 # Results, under bench/results/:
 #   kd_loss-cuda-env.txt                       GPU, driver, torch / triton / python versions
 #   kd_loss-cuda-tests.log                     pytest output of step 1
 #   kd_loss-cuda.json, kd_loss-cuda.md         step 2 (pytest-benchmark JSON, table); kd_loss-cuda-bench.log
 #   fused_linear_kd_loss-cuda.md               step 3; fused_linear_kd_loss-cuda.log
+#   step-cuda.md                               step 4; step-cuda.log
 # Every step runs even if an earlier one fails; the exit status is non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +53,9 @@ python -m pytest tests -k "triton or cuda" -q -rs -p no:cacheprovider 2>&1 | tee
 
 python bench/bench_fused_linear_kd_loss.py --device cuda --markdown "$results/fused_linear_kd_loss-cuda.md" 2>&1 |
     tee "$results/fused_linear_kd_loss-cuda.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || failed=1
+
+python bench/bench_step.py --device cuda --markdown "$results/step-cuda.md" 2>&1 | tee "$results/step-cuda.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed=1
 
 exit "$failed"

@@ -13,7 +13,13 @@ One forward + backward of ``hard_weight * CE + soft_weight * T^2 * KL`` per meas
                                 dense teachers only: Liger has no sparse-teacher loss)
 
 Shapes come from ``kdfast._shapes`` (the grid ``bench/`` uses too). Every number is the median of
-``--repeats`` timed runs after one untimed warm-up, CUDA-synchronized on GPU. GB/s is computed
+``--repeats`` timed runs after one untimed warm-up, CUDA-synchronized on GPU. The runs are interleaved
+(each round runs every implementation) so that a change of machine load hits all of them alike, and
+each timed run directly follows an untimed run of the same implementation: it is timed in the state
+its own previous call left (caches, kdfast's gradient buffer pool), as a loop calling it repeatedly
+sees and as ``bench/bench_kd_loss.py`` times it, not in the state the implementation before it in the
+round left (kdfast timed right after torch-eager's and torch-compile's steps measured 24% (dense) and
+34% (top-64) slower at N=1024, V=128256 float32: bench/results/bench-cli-vs-suite.md). GB/s is computed
 against ``kd_loss_bytes`` (the traffic the op cannot avoid) and also shown as a percentage of this
 machine's measured copy bandwidth (``tensor.copy_`` of a large buffer, read + write). Peak memory is
 what one forward + backward allocates through PyTorch above what was live before it: on CUDA from
@@ -232,6 +238,13 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def _timed_after_own_run(fn: Callable[[], None], device: torch.device) -> float:
+    """Seconds of ``fn`` run right after an untimed ``fn``: timed in the state (caches, buffer pool) its
+    own previous call left, not in whatever the code before it left."""
+    fn()
+    return _timed(fn, device)
+
+
 def median_seconds(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
     """Median wall time of ``fn`` over ``repeats`` runs after one untimed warm-up."""
     fn()
@@ -270,8 +283,8 @@ def make_inputs(shape: LossShape, device: torch.device, seed: int = 0):
 
 def measure_shape(shape: LossShape, impls: dict[str, LossFn], plan: Plan, copy_gbps: float) -> list[Result]:
     """Every implementation on one shape, interleaved: one untimed warm-up each (compiles), then
-    ``repeats`` rounds that time each implementation once, so that a change of machine load during
-    the measurement hits all of them alike."""
+    ``repeats`` rounds that time each implementation once (``_timed_after_own_run``), so that a change
+    of machine load during the measurement hits all of them alike."""
     logits, labels, teacher = make_inputs(shape, plan.device)
     results, steps, times = {}, {}, {}
     for name, fn in impls.items():
@@ -283,7 +296,8 @@ def measure_shape(shape: LossShape, impls: dict[str, LossFn], plan: Plan, copy_g
     for _ in range(plan.repeats):
         for name in impls:
             if not results[name].error:
-                times[name].append(_guarded(results[name], functools.partial(_timed, steps[name], plan.device)))
+                timed = functools.partial(_timed_after_own_run, steps[name], plan.device)
+                times[name].append(_guarded(results[name], timed))
     for name, result in results.items():
         if result.error:
             continue

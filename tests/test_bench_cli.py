@@ -1,4 +1,5 @@
-"""`kdfast bench --quick`: writes its JSON and PNG, prints the table, and every number is a real measurement."""
+"""`kdfast bench --quick`: writes its JSON and PNG, prints the table, every number is a real measurement, and
+each implementation is timed right after its own untimed run."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 import kdfast
 from kdfast import _shapes
@@ -74,3 +76,25 @@ def test_unknown_implementation_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match=r"impls: \['torch-jit'\] not among"):
         run_bench(tmp_path, device="cpu", quick=True, impls=["torch-eager", "torch-jit"])
+
+
+def test_each_timed_run_directly_follows_a_run_of_the_same_implementation():
+    """Rounds interleave the implementations, and within a round each runs twice in a row (untimed, then
+    timed), so its time never depends on what the implementation before it left in the caches."""
+    from kdfast import bench, reference
+
+    calls = []
+
+    def recorded(name):
+        def loss(logits, labels, teacher):
+            calls.append(name)
+            return reference.kd_loss(logits, labels, **teacher, **bench.LOSS_OPTIONS)
+        return loss
+
+    shape = _shapes.LossShape(4, 64, torch.float32, "dense")
+    plan = bench.Plan(torch.device("cpu"), [shape], [], repeats=2, copy_mib=1)
+    results = bench.measure_shape(shape, {"a": recorded("a"), "b": recorded("b")}, plan, copy_gbps=1.0)
+    warm_up, rounds, peak_memory_runs = calls[:2], calls[2:-2], calls[-2:]
+    assert warm_up == ["a", "b"] and peak_memory_runs == ["a", "b"]
+    assert rounds == ["a", "a", "b", "b"] * 2
+    assert all(r.error is None and r.median_ms > 0 for r in results)
