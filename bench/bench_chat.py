@@ -1,5 +1,5 @@
-"""Chat-corpus benchmarks: shard bytes per token, reader throughput against the version-1 reader, and
-the trainer padded against packed.
+"""Chat-corpus benchmarks: shard bytes per token, reader throughput (compact and full-length version-2
+samples) against the version-1 reader, and the trainer padded against packed.
 
     python bench/bench_chat.py --threads 1 > bench/results/chat-cpu.md
 
@@ -10,13 +10,16 @@ prints a complete Markdown report (machine, load, command, tables). Three measur
    whose next token is a response token are learned), written once per value / index encoding:
    shard bytes per learned token and per stored token (position).
 2. Reads. ``ShardDataset[i]`` in a shuffled order from the page cache, median over ``--repeats``
-   passes: learned tokens/s of the version-2 reader on the masked corpus against tokens/s of the
-   version-1 reader (kdfast.shards of commit 1715d11, taken from git as the package ``kdfast_v1``)
-   on the same sequences written in format 1 (every position learned, so there its tokens are its
-   learned tokens). The two readers alternate pass by pass.
+   passes: learned tokens/s of the version-2 reader on the masked corpus, compact
+   (``compact=True``: teacher rows of the learned positions only, what the trainer reads) and
+   full-length (one teacher row per position), against tokens/s of the version-1 reader
+   (kdfast.shards of commit 1715d11, taken from git as the package ``kdfast_v1``) on the same
+   sequences written in format 1 (every position learned, so there its tokens are its learned
+   tokens). The three readers alternate pass by pass.
 3. Training. ``Trainer.train_step`` of tiny Llama students (CPU, float32, one per ``--hidden``) on
-   a corpus of lengths spread ``--min-len`` .. ``--max-len``, with ``packing`` false and true: the
-   two trainers alternate step by step; median learned tokens/s and sequence tokens/s over the timed
+   a corpus of lengths spread ``--min-len`` .. ``--max-len``, with ``packing`` false and true (both
+   on the trainer's compact path: the head and the loss run on the learned positions only): the two
+   trainers alternate step by step; median learned tokens/s and sequence tokens/s over the timed
    steps (after warm-up steps), and the padding fraction.
 
 Rates are per CPU second of this process (``time.process_time``), so that other jobs on a shared
@@ -151,26 +154,34 @@ def shard_bytes(directory: Path) -> int:
 def bench_bytes_and_reads(args, root: Path, v1) -> list[str]:
     masks = chat_lengths_and_masks(np.random.default_rng(1), args.sequences, args.min_len, args.max_len)
     tokens, learned = sum(len(m) for m in masks), sum(int(m.sum()) for m in masks)
+    labelled = learned - sum(int(m[-1]) for m in masks)  # rows of compact samples: learned positions with a label
     lines = [f"## Bytes and reads: chat corpus ({args.sequences} sequences, lengths {args.min_len}..{args.max_len}, "
              f"{tokens:,} tokens, {learned:,} learned = {learned / tokens:.1%}; k={args.k}, vocab={args.vocab})", "",
              "Bytes: shard files of each corpus. Reads: `dataset[i]` in shuffled order, page cache, tokens per CPU "
-             "second, median over passes, the two readers alternating pass by pass; the version-1 corpus is the same "
-             "sequences with every position learned (format 1 has no mask), so its tokens are its learned tokens.",
+             "second, median over passes, the three readers alternating pass by pass (verified reads, the "
+             "defaults): version 2 compact (`ShardDataset(compact=True)`: teacher rows of the learned positions "
+             "only, what the trainer reads), version 2 full-length (one teacher row per position, empty where "
+             "nothing is learned) and version 1 (kdfast.shards of commit 1715d11). The version-1 corpus is the "
+             "same sequences with every position learned (format 1 has no mask), so its tokens are its learned "
+             "tokens. Learned tokens/s of the version-2 readers count the corpus's learned positions.",
              "", "| values | indices | v2 bytes / learned token | v2 bytes / stored token | v1 bytes / token | "
-                 "v2 learned Mtok/s | v2 Mtok/s (positions) | v1 Mtok/s | v2 learned / v1 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+                 "v2 compact learned Mtok/s | v2 full-length learned Mtok/s | v1 Mtok/s | compact / v1 | "
+                 "full-length / v1 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for value_dtype, index_encoding in ENCODINGS:
         v2_dir, v1_dir = root / f"v2-{value_dtype}-{index_encoding}", root / f"v1-{value_dtype}-{index_encoding}"
         write_corpus(ShardWriter, v2_dir, masks, args, value_dtype, index_encoding, masked=True)
         write_corpus(v1.ShardWriter, v1_dir, masks, args, value_dtype, index_encoding, masked=False)
-        v2, old = ShardDataset(v2_dir), v1.ShardDataset(v1_dir)
-        assert v2.learned_tokens == learned and v2.total_tokens == tokens and len(old) == len(v2)
-        rates = alternating_rates({"v2": v2, "v1": old}, {"v2": learned, "v1": tokens}, args.repeats)
+        compact, full, old = ShardDataset(v2_dir, compact=True), ShardDataset(v2_dir), v1.ShardDataset(v1_dir)
+        assert full.learned_tokens == learned and full.total_tokens == tokens and len(old) == len(full)
+        assert sum(len(compact[i]["teacher_tail"]) for i in range(len(compact))) == labelled
+        rates = alternating_rates({"compact": compact, "full": full, "v1": old},
+                                  {"compact": learned, "full": learned, "v1": tokens}, args.repeats)
         v2_bytes, v1_bytes = shard_bytes(v2_dir), shard_bytes(v1_dir)
         lines.append(f"| {value_dtype} | {index_encoding} | {v2_bytes / learned:.1f} | "
-                     f"{v2_bytes / tokens:.1f} | {v1_bytes / tokens:.1f} | {rates['v2'] / 1e6:.2f} | "
-                     f"{rates['v2'] * tokens / learned / 1e6:.2f} | {rates['v1'] / 1e6:.2f} | "
-                     f"{rates['v2'] / rates['v1']:.2f} |")
+                     f"{v2_bytes / tokens:.1f} | {v1_bytes / tokens:.1f} | {rates['compact'] / 1e6:.2f} | "
+                     f"{rates['full'] / 1e6:.2f} | {rates['v1'] / 1e6:.2f} | "
+                     f"{rates['compact'] / rates['v1']:.2f} | {rates['full'] / rates['v1']:.2f} |")
         shutil.rmtree(v2_dir)
         shutil.rmtree(v1_dir)
     return lines
@@ -189,8 +200,9 @@ def bench_trainer(args, root: Path) -> list[str]:
              f"layers, vocab {args.train_vocab}, CPU float32, sdpa)", "",
              f"`Trainer.train_step`, {args.warmup} warm-up steps each, then {args.steps} timed steps each, the padded "
              "and the packed trainer alternating step by step; medians over the timed steps. Both see the same "
-             "sequences in the same micro-batches; packing uses `pack_length = 0` (rows as long as the micro-batch's "
-             "longest sequence). Rates per CPU second of this process.", "",
+             "sequences in the same micro-batches and both run the compact path (compact samples; the LM head and "
+             "the fused loss over the learned positions' hidden states only); packing uses `pack_length = 0` (rows "
+             "as long as the micro-batch's longest sequence). Rates per CPU second of this process.", "",
              "| hidden | packing | learned tok/s | sequence tok/s | padding fraction | rows per micro-batch | "
              "CPU ms / step | wall ms / step |", "|---|---|---|---|---|---|---|---|"]
     ratios = []
@@ -246,7 +258,7 @@ def alternating_steps(args, root: Path, data: Path, hidden: int) -> dict:
 
 def rows_per_micro_batch(data: Path, size: int, layout) -> float:
     """Mean rows of ``layout`` (collate or pack) over the micro-batches of the first epoch (seed 0)."""
-    dataset = ShardDataset(data, seed=0)
+    dataset = ShardDataset(data, seed=0, compact=True)
     order = dataset.sampler.order(0)
     return float(np.mean([layout([dataset[int(i)] for i in order[start:start + size]])["input_ids"].shape[0]
                           for start in range(0, len(order) - size + 1, size)]))

@@ -131,7 +131,7 @@ def test_mixed_directories_must_hold_the_same_targets(shards, tmp_path):
 def test_bad_weights_are_named(shards, tmp_path):
     with pytest.raises(ValueError, match="train_weights has 3 entries for 2 train_shards directories"):
         mixed_config(shards, tmp_path / "run", train_weights=[0.5, 0.3, 0.2])
-    with pytest.raises(ValueError, match="train_weights has 2 entries for 1 train_shards directories"):
+    with pytest.raises(ValueError, match="train_weights has 2 entries for 1 train_shards directory"):
         make_config(shards, tmp_path / "run", train_weights=[0.5, 0.5])
     with pytest.raises(ValueError, match="train_weights must be finite numbers > 0"):
         mixed_config(shards, tmp_path / "run", train_weights=[1.0, -1.0])

@@ -1,8 +1,8 @@
-"""kdfast.train when things go wrong or precision matters: the exact tail reaches the loss, the LM head
-runs in the autocast dtype, a non-finite loss stops the run before the step, damaged shard data stops
-the run or is skipped and counted, a full disk while saving is a clear error that leaves no
-half-written checkpoint (on every rank when one rank fails), and checkpoints of the previous format
-still resume exactly."""
+"""kdfast.train when things go wrong or precision matters: the exact tail of the labelled positions
+reaches the loss (with one hidden row per label), the LM head runs in the autocast dtype, a
+non-finite loss stops the run before the step, damaged shard data stops the run or is skipped and
+counted, a full disk while saving is a clear error that leaves no half-written checkpoint (on every
+rank when one rank fails), and checkpoints of the previous format still resume exactly."""
 from __future__ import annotations
 
 import errno
@@ -20,7 +20,7 @@ import torch
 import torch.distributed.checkpoint.filesystem as dcp_filesystem
 
 import kdfast.train.student as student_module
-from kdfast.shards import ShardDataset, ShardError, open_shards
+from kdfast.shards import IGNORE_INDEX, ShardDataset, ShardError, open_shards
 from kdfast.train import DistillationModule, Trainer, build_student, collate, list_checkpoints
 from kdfast.train.checkpoint import checkpoint_path
 from tests.train_support import (K, REPO, SEQ, VOCAB, free_port, make_config, shards, subprocess_env,  # noqa: F401
@@ -28,11 +28,13 @@ from tests.train_support import (K, REPO, SEQ, VOCAB, free_port, make_config, sh
 
 
 def record_loss_calls(monkeypatch) -> list[dict]:
-    """Every fused_linear_kd_loss call of the trainer: the keyword arguments and the operands' dtypes."""
+    """Every fused_linear_kd_loss call of the trainer: the keyword arguments, the labels, the operands'
+    dtypes and the number of hidden rows."""
     calls, real = [], student_module.fused_linear_kd_loss
 
     def recording(hidden, weight, labels, **kwargs):
-        calls.append({"hidden": hidden.dtype, "weight": weight.dtype, **kwargs})
+        calls.append({"hidden": hidden.dtype, "weight": weight.dtype, "rows": hidden.shape[0], "labels": labels,
+                      **kwargs})
         return real(hidden, weight, labels, **kwargs)
 
     monkeypatch.setattr(student_module, "fused_linear_kd_loss", recording)
@@ -43,20 +45,25 @@ def record_loss_calls(monkeypatch) -> list[dict]:
 
 
 def test_the_shards_exact_tail_reaches_the_loss(shards, tmp_path, monkeypatch):
+    """The loss gets one hidden row per labelled position, those positions' labels and the stored tail
+    of exactly those positions, in row-major order of the micro-batch."""
     config = make_config(shards, tmp_path / "run", eval_shards="", tail=True, micro_batch_size=2)
     with Trainer(config) as trainer:
         ids = trainer.train_data.sampler.order(0)[:2].tolist()  # the first micro-batch
-        samples = [trainer.train_data[i] for i in ids]
         calls = record_loss_calls(monkeypatch)
         trainer.train_step()
-    batch = collate(samples)
+    full = ShardDataset(shards["train"])
+    samples = [full[i] for i in ids]  # one teacher row per position
+    labelled = [s["labels"] != IGNORE_INDEX for s in samples]
+    stored = torch.cat([s["teacher_tail"][m] for s, m in zip(samples, labelled)])  # exact log-mass outside the slots
     assert len(calls) == 1 and calls[0]["tail"] and calls[0]["allow_tail_temperature"]
-    torch.testing.assert_close(calls[0]["teacher_tail"], batch["teacher_tail"], rtol=0, atol=0)
-    stored = torch.stack([s["teacher_tail"] for s in samples])  # [2, L]: exact log-mass outside the slots
-    torch.testing.assert_close(batch["teacher_tail"], stored, rtol=0, atol=0)
+    assert calls[0]["rows"] == len(stored) == sum(int(m.sum()) for m in labelled) > 0
+    torch.testing.assert_close(calls[0]["teacher_tail"], stored, rtol=0, atol=0)
+    torch.testing.assert_close(calls[0]["labels"], torch.cat([s["labels"][m] for s, m in zip(samples, labelled)]),
+                               rtol=0, atol=0)
     assert bool((stored < 0).all())
 
-    ragged = collate([{**samples[0]}, {name: t[:5] for name, t in samples[1].items()}])
+    ragged = collate([{**samples[0]}, {name: t[:5] for name, t in samples[1].items()}])  # full-length samples
     assert ragged["teacher_tail"].shape == (2, samples[0]["teacher_tail"].shape[0])
     assert bool((ragged["teacher_tail"][1, 5:] == -math.inf).all())
 
@@ -91,7 +98,7 @@ def test_the_head_runs_in_the_autocast_dtype(shards, tmp_path, monkeypatch):
     student = build_student(make_config(shards, tmp_path / "run"))
     options = dict(teacher_kind="logprobs", tail=False, temperature=1.0, chunk_size=None, backend=None)
     module = DistillationModule(student, options, autocast_dtype=torch.bfloat16)
-    dataset = ShardDataset(shards["train"])
+    dataset = ShardDataset(shards["train"], compact=True)
     batch = collate([dataset[0], dataset[1]])
     calls = record_loss_calls(monkeypatch)
     loss, _ = module(batch)
@@ -109,7 +116,7 @@ def test_the_head_runs_in_the_autocast_dtype(shards, tmp_path, monkeypatch):
 def test_a_non_finite_loss_stops_before_the_optimizer_step(shards, tmp_path):
     with Trainer(make_config(shards, tmp_path / "run", eval_shards="")) as trainer:
         batch = collate([trainer.train_data[i] for i in range(4)])
-        batch["teacher_values"][0, 3, 0] = math.nan  # a damaged teacher value on an active row
+        batch["teacher_values"][3, 0] = math.nan  # a damaged teacher value (every compact row has a label)
         trainer._batches = iter([batch])
         before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
         with pytest.raises(FloatingPointError, match="step 1: the loss is nan.*not taken"):

@@ -6,16 +6,18 @@
     shards = open_shards(directory)                                 # O(1) per shard; ShardError on damage
     shards.verify()                                                 # every byte
     dataset = ShardDataset(directory, seed=0, rank=r, world_size=w) # tensors for kd_loss, verified reads
+    dataset = ShardDataset(directory, compact=True)                 # teacher rows of learned positions only
 
 The byte-level format (version 2; version 1 is still read) and exactly what is guaranteed are
 documented in docs/shard-format.md.
 """
 from kdfast.shards.dataset import IGNORE_INDEX, ShardDataset, ShardSampler
 from kdfast.shards.format import ShardError
-from kdfast.shards.reader import SequenceArrays, ShardFile, ShardSet, load_manifest, open_shards, verify_shards
+from kdfast.shards.reader import (LearnedRows, SequenceArrays, ShardFile, ShardSet, load_manifest, open_shards,
+                                  verify_shards)
 from kdfast.shards.writer import ShardWriter
 
 __all__ = [
     "ShardWriter", "open_shards", "verify_shards", "load_manifest", "ShardSet", "ShardFile", "SequenceArrays",
-    "ShardDataset", "ShardSampler", "ShardError", "IGNORE_INDEX",
+    "LearnedRows", "ShardDataset", "ShardSampler", "ShardError", "IGNORE_INDEX",
 ]

@@ -16,6 +16,17 @@ stored targets: its slots are empty (-1, value -inf for logprobs / 0 for probs, 
 label is -100, so kd_loss ignores it. The last position keeps the teacher's prediction after the
 whole sequence, but its label is -100 too; it is kept so that every tensor has L rows.
 
+Compact samples (``ShardDataset(..., compact=True)``, what ``kdfast train`` reads): the same
+``input_ids`` [L] and ``labels`` [L], and teacher rows for the R labelled positions only, in order,
+where R = ``(labels != -100).sum()``:
+
+    teacher_indices [R, k], teacher_values [R, k], teacher_tail [R]
+
+so row r is the row of the r-th position whose label is not -100: ``logits[labels != -100]`` lines
+up with them. They are the stored rows themselves (no empty rows are built), except that a learned
+last position's row, which has no label, is left out (the last position of every version-1
+sequence is learned). Per element they equal the full-length sample's rows at the labelled positions.
+
 Damage: ``dataset[i]`` verifies what it reads (see ``kdfast.shards.reader``) and raises ShardError
 with ``path`` (the shard file), ``sequence`` (= i) and ``section`` (when known) set, so a training
 loop can stop or skip and count.
@@ -25,7 +36,8 @@ bytes); pass ``index_dtype=torch.int64`` for code that needs int64. Values are f
 ``values_dtype=torch.float16`` on float16 shards (bfloat16 on bfloat16 shards) returns the stored
 values bit-exactly. Every tensor is a fresh contiguous CPU tensor, so ``DataLoader(pin_memory=True)``
 pins them without extra copies beyond its own; the default collate stacks equal-length sequences only
-(``kdfast capture --tokens`` writes one length per dataset), variable lengths need a padding collate.
+(``kdfast capture --tokens`` writes one length per dataset), variable lengths need a padding collate,
+and compact samples, whose R varies with the mask, ``kdfast.train.data.collate`` or ``pack``.
 """
 from __future__ import annotations
 
@@ -40,6 +52,14 @@ from kdfast.shards.reader import open_shards
 __all__ = ["ShardDataset", "ShardSampler", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
+
+
+def _inputs_and_labels(tokens: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` [L] int64 (the tokens) and ``labels`` [L] int64: the next token where the position
+    is learned, -100 elsewhere and at the last position."""
+    labels = np.full(len(tokens), IGNORE_INDEX, np.int64)
+    np.copyto(labels[:-1], tokens[1:], where=mask[:-1])
+    return torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(labels)
 
 
 class ShardSampler(Sampler[int]):
@@ -105,18 +125,19 @@ class ShardDataset(Dataset):
     or iterate the dataset itself (same order, in-process). Workers map the shard files themselves.
     ``vocab_size`` (the student's) must equal the teacher's, else ShardError. ``verify=True`` checks
     every byte at construction; ``verify_reads`` (default True) checks each read's checksums (see
-    ``open_shards``).
+    ``open_shards``). ``compact=True``: teacher rows of the labelled positions only (module doc).
     """
 
     def __init__(self, path: str | Path, *, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1,
                  consumed: int = 0, vocab_size: int | None = None, index_dtype: torch.dtype = torch.int32,
-                 values_dtype: torch.dtype = torch.float32, verify: bool = False, verify_reads: bool = True):
+                 values_dtype: torch.dtype = torch.float32, verify: bool = False, verify_reads: bool = True,
+                 compact: bool = False):
         if index_dtype not in (torch.int32, torch.int64):
             raise ValueError(f"index_dtype must be torch.int32 or torch.int64, got {index_dtype}")
         if not values_dtype.is_floating_point:
             raise ValueError(f"values_dtype must be a floating-point dtype, got {values_dtype}")
         self.shards = open_shards(path, vocab_size=vocab_size, verify=verify, verify_reads=verify_reads)
-        self.index_dtype, self.values_dtype = index_dtype, values_dtype
+        self.index_dtype, self.values_dtype, self.compact = index_dtype, values_dtype, compact
         self.sampler = ShardSampler(len(self.shards), seed=seed, shuffle=shuffle, rank=rank, world_size=world_size,
                                     consumed=consumed)
 
@@ -132,18 +153,29 @@ class ShardDataset(Dataset):
         return len(self.shards)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if self.compact:
+            return self._compact_sample(int(index))
         seq = self.shards.read(int(index))
-        input_ids = torch.from_numpy(seq.tokens).long()
-        labels = torch.full_like(input_ids, IGNORE_INDEX)
-        labels[:-1] = input_ids[1:]
-        if not seq.mask.all():
-            labels[~torch.from_numpy(seq.mask)] = IGNORE_INDEX
+        input_ids, labels = _inputs_and_labels(seq.tokens, seq.mask)
         return {
             "input_ids": input_ids,  # [L] int64
             "labels": labels,  # [L] int64
             "teacher_indices": torch.from_numpy(seq.indices).to(self.index_dtype),  # [L, k]
             "teacher_values": torch.from_numpy(seq.values).to(self.values_dtype),  # [L, k]
             "teacher_tail": torch.from_numpy(seq.tail),  # [L] float32
+        }
+
+    def _compact_sample(self, index: int) -> dict[str, torch.Tensor]:
+        """Sequence ``index`` with the teacher rows of its labelled positions only."""
+        seq = self.shards.read_learned(index)
+        input_ids, labels = _inputs_and_labels(seq.tokens, seq.mask)
+        rows = len(seq.tail) - int(seq.mask[-1])  # a learned last position's row has no label
+        return {
+            "input_ids": input_ids,  # [L] int64
+            "labels": labels,  # [L] int64
+            "teacher_indices": torch.from_numpy(seq.indices[:rows]).to(self.index_dtype),  # [R, k]
+            "teacher_values": torch.from_numpy(seq.values[:rows]).to(self.values_dtype),  # [R, k]
+            "teacher_tail": torch.from_numpy(seq.tail[:rows]),  # [R] float32
         }
 
     def __iter__(self):

@@ -12,6 +12,10 @@ version-1 read (no per-sequence checksums in that format) checks the shard's who
 once, before the first read from that shard object. Every read also range-checks what it returns,
 so even ``verify_reads=False`` yields ShardError, never an out-of-range id or a NaN in a batch.
 
+``read`` returns one target row per position (empty where nothing is learned); ``read_learned``
+returns the stored rows of the learned positions only, with the same checks, and skips building the
+empty rows.
+
 File descriptors are opened on the first read; a forked DataLoader worker shares them safely
 (``pread`` does not move a file offset), pickling a ShardSet sends paths and headers only.
 """
@@ -35,7 +39,7 @@ from kdfast.shards.format import (
 )
 
 __all__ = ["open_shards", "verify_shards", "load_manifest", "read_json", "json_depth", "ShardSet", "ShardFile",
-           "SequenceArrays", "MAX_JSON_BYTES", "MAX_JSON_DEPTH"]
+           "SequenceArrays", "LearnedRows", "MAX_JSON_BYTES", "MAX_JSON_DEPTH"]
 
 MAX_JSON_BYTES = 64 << 20  # manifest / capture.json size cap (a 1000-shard manifest is ~200 KB)
 MAX_JSON_DEPTH = 32  # nesting of objects and arrays (kdfast writes at most 4)
@@ -50,6 +54,17 @@ class SequenceArrays(NamedTuple):
     indices: np.ndarray  # [L, k] int32, -1 = empty slot (every slot of a position that is not learned)
     values: np.ndarray  # [L, k] float32: log-probs (kind logprobs) or probabilities (kind probs); empty: -inf / 0
     tail: np.ndarray  # [L] float32 log-mass outside the slots (-inf: none, and at positions not learned)
+    mask: np.ndarray  # [L] bool, True = learned (version 1: all True)
+
+
+class LearnedRows(NamedTuple):
+    """One sequence as stored, decoded into fresh (writable) arrays: a token and a mask bit per position,
+    target rows for the learned positions only, in position order (no empty rows are made)."""
+
+    tokens: np.ndarray  # [L] int32
+    indices: np.ndarray  # [R, k] int32, -1 = empty slot; R = mask.sum() (version 1: R = L)
+    values: np.ndarray  # [R, k] float32: log-probs (kind logprobs) or probabilities (kind probs); empty: -inf / 0
+    tail: np.ndarray  # [R] float32 log-mass outside the slots (-inf: none)
     mask: np.ndarray  # [L] bool, True = learned (version 1: all True)
 
 
@@ -72,9 +87,10 @@ def _open_regular(path: Path, missing: str) -> io.FileIO:
 
 def _pread_into(handle: io.FileIO, view: np.ndarray, offset: int) -> int:
     """Fill the uint8 array ``view`` from file offset ``offset``; returns the bytes read (fewer at end of file)."""
-    done = 0
-    while done < view.size:
-        got = os.preadv(handle.fileno(), [view[done:]], offset + done)
+    fd = handle.fileno()
+    done = os.preadv(fd, [view], offset) if view.size else 0
+    while 0 < done < view.size:  # a short read: continue after it
+        got = os.preadv(fd, [view[done:]], offset + done)
         if got == 0:
             break
         done += got
@@ -130,6 +146,7 @@ class ShardFile:
         self._handle: io.FileIO | None = None
         self._sections_checked = False  # version 1: whole-section checksums checked by this object
         self._rows = _row_layout(header)
+        self._plan = _read_plan(header, self._rows)
 
     @classmethod
     def open(cls, path: str | Path, *, manifest: dict | None = None, entry: dict | None = None) -> ShardFile:
@@ -181,22 +198,31 @@ class ShardFile:
         return out
 
     def read(self, local: int, *, verify: bool = True) -> SequenceArrays:
-        """Sequence ``local`` (0-based within this shard), decoded; ShardError (with ``sequence`` set)
-        on any problem. Version 2 with ``verify``: every byte read is checked against the sequence's
-        checksums; otherwise (and always for version 1) the decoded values are range-checked instead."""
+        """Sequence ``local`` (0-based within this shard) with one target row per position, empty where
+        nothing is learned; checked as ``read_learned`` checks it."""
+        rows = self.read_learned(local, verify=verify)
+        if len(rows.tail) == len(rows.mask):
+            return SequenceArrays(*rows)
+        return SequenceArrays(rows.tokens, *_spread(rows.mask, rows.indices, rows.values, rows.tail,
+                                                    self.header.kind), rows.mask)
+
+    def read_learned(self, local: int, *, verify: bool = True) -> LearnedRows:
+        """Sequence ``local`` (0-based within this shard) as stored: target rows of its learned positions
+        only; ShardError (with ``sequence`` set) on any problem. Version 2 with ``verify``: every byte read
+        is checked against the sequence's checksums; otherwise (and always for version 1) the decoded
+        values are range-checked instead."""
         h = self.header
         if verify and h.version == 1 and not self._sections_checked:
             self._check_sections(local)
         record = self._locate(local)
         parts = {}
-        for i, name in enumerate(SEQUENCE_SECTIONS):
-            if name not in h.sections:  # version 1 has no mask
-                continue
-            start, end = ((record.token_start, record.token_end) if name in TOKEN_SECTIONS
+        checksums = record.checksums if verify else ()
+        for slot, name, per_position, layout in self._plan:
+            start, end = ((record.token_start, record.token_end) if per_position
                           else (record.target_start, record.target_end))
-            expected = record.checksums[i] if verify and record.checksums else None
-            if name in self._rows:
-                offset, size, dtype, shape = self._rows[name]
+            expected = checksums[slot] if checksums else None
+            if layout is not None:
+                offset, size, dtype, shape = layout
                 parts[name] = self._pread(offset + start * size, dtype, (end - start, *shape), name, local, expected)
             else:  # an empty section: its slice of every sequence is empty
                 parts[name] = np.empty((end - start, 0), np.uint8)
@@ -205,13 +231,9 @@ class ShardFile:
         learned = self._mask(parts.get("mask"), record, local)
         indices = decode_indices(parts["indices"], parts["index_high"], h.index_encoding, h.k)
         values = decode_values(parts["values"], parts["value_scale"], h.value_dtype)
-        if not (verify and record.checksums):  # checksummed bytes are the writer's, which it range-checked
+        if not checksums:  # checksummed bytes are the writer's, which it range-checked
             self._check_ranges(parts["tokens"], indices, values, parts["tail"], local)
-        if len(indices) < len(learned):
-            indices, values, tail = _spread(learned, indices, values, parts["tail"], h.kind)
-        else:
-            tail = parts["tail"]
-        return SequenceArrays(parts["tokens"], indices, values, tail, learned)
+        return LearnedRows(parts["tokens"], indices, values, parts["tail"], learned)
 
     def _check_ranges(self, tokens, indices, values, tail, local: int) -> None:
         problem = range_problem(tokens, indices, values, tail, self.header.vocab_size, self.header.kind)
@@ -307,6 +329,14 @@ def _row_layout(h: Header) -> dict[str, tuple[int, int, np.dtype, tuple]]:
               "values": (h.k,), "value_scale": (2,), "tail": ()}
     return {name: (h.sections[name][0], rows[name], np.dtype(storage[name]), shapes[name])
             for name in SEQUENCE_SECTIONS if name in h.sections and rows[name]}
+
+
+def _read_plan(h: Header, rows: dict) -> tuple[tuple[int, str, bool, tuple | None], ...]:
+    """Per section a sequence read touches, in order: (its slot in an index record's checksums, name, whether
+    it has a row per position rather than per learned position, its ``_row_layout`` entry or None when
+    empty); version 1 has no mask section."""
+    return tuple((slot, name, name in TOKEN_SECTIONS, rows.get(name)) for slot, name in enumerate(SEQUENCE_SECTIONS)
+                 if name in h.sections)
 
 
 def _spread(learned: np.ndarray, indices: np.ndarray, values: np.ndarray, tail: np.ndarray, kind: str):
@@ -500,11 +530,23 @@ class ShardSet:
         return sum(entry["bytes"] for entry in self.manifest["shards"])
 
     def read(self, index: int) -> SequenceArrays:
-        """Sequence ``index`` (0 <= index < len(self)), decoded and checked; ShardError names file and sequence."""
+        """Sequence ``index`` (0 <= index < len(self)) with one target row per position, decoded and
+        checked; ShardError names file and sequence."""
+        shard, local = self._find(index)
+        return shard.read(local, verify=self.verify_reads)
+
+    def read_learned(self, index: int) -> LearnedRows:
+        """Sequence ``index`` (0 <= index < len(self)) with the target rows of its learned positions only,
+        decoded and checked as ``read`` checks it."""
+        shard, local = self._find(index)
+        return shard.read_learned(local, verify=self.verify_reads)
+
+    def _find(self, index: int) -> tuple[ShardFile, int]:
+        """The shard holding sequence ``index`` and the sequence's number within it."""
         if not 0 <= index < len(self):
             raise IndexError(f"sequence {index} out of range for {len(self)} sequences")
         shard = int(np.searchsorted(self._starts, index, side="right")) - 1
-        return self.shards[shard].read(index - int(self._starts[shard]), verify=self.verify_reads)
+        return self.shards[shard], index - int(self._starts[shard])
 
     def verify(self, progress: bool = False) -> None:
         """Check every byte of every shard; raises ShardError at the first problem."""

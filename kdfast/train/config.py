@@ -119,8 +119,9 @@ class TrainConfig:
     def _check_train_weights(self) -> None:
         weights = self.train_weights
         if weights and len(weights) != len(self.train_dirs):
-            raise ValueError(f"TrainConfig: train_weights has {len(weights)} entries for {len(self.train_dirs)} "
-                             "train_shards directories; give one weight per directory (or none)")
+            raise ValueError(f"TrainConfig: train_weights has {_count(len(weights), 'entry', 'entries')} for "
+                             f"{_count(len(self.train_dirs), 'train_shards directory', 'train_shards directories')}; "
+                             "give one weight per directory (or none)")
         if not all(math.isfinite(w) and w > 0 for w in weights):
             raise ValueError(f"TrainConfig: train_weights must be finite numbers > 0, got {weights}")
 
@@ -137,6 +138,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _count(number: int, singular: str, plural: str) -> str:
+    """``number`` and the noun, singular for 1: "1 entry", "2 entries"."""
+    return f"{number} {singular if number == 1 else plural}"
 
 
 _MISMATCH = object()

@@ -25,6 +25,14 @@ of a row by them (``kdfast.train.student.check_packing_isolates``). Each sequenc
 of the sequence after it, and the loss is the padded batch's up to float rounding. Both record the
 sequences' own tokens (``num_tokens``) next to the tensors, for the padding fraction.
 
+Teacher rows. The trainer reads compact samples (``ShardDataset(compact=True)``: teacher rows of the
+labelled positions only), and both layouts concatenate them in row-major order of the batch's
+labelled positions: ``teacher_indices`` [N, k], ``teacher_values`` [N, k], ``teacher_tail`` [N] with
+N = ``(labels != -100).sum()``, row n belonging to the n-th entry of ``labels[labels != -100]``. The
+invariant rests on each sample holding exactly one row per label, which ``compact_layout`` checks
+per sample (a count, ValueError otherwise). Full-length samples (one teacher row per position, as
+``ShardDataset`` gives them by default) are padded like the positions instead: [B, L, k], [B, L].
+
 Damaged data. ``ShardDataset`` verifies what it reads and raises ``ShardError`` naming the file, the
 section and the sequence. ``CatchDamaged`` catches it where the read happens (a DataLoader worker,
 too) and returns an empty sample (a single padded row: no tokens, no loss) that carries the error;
@@ -47,28 +55,69 @@ from kdfast.train.config import TrainConfig
 
 log = logging.getLogger("kdfast.train")
 
-# Right-padding of each batched key: inputs 0, labels ignored, teacher slots empty, tail: no mass.
-PAD = {"input_ids": 0, "labels": IGNORE_INDEX, "teacher_indices": -1, "teacher_values": 0.0,
-       "teacher_tail": -math.inf}
+# Right-padding of the per-position keys: inputs 0, labels ignored.
+POSITION_PAD = {"input_ids": 0, "labels": IGNORE_INDEX}
+# Right-padding of full-length teacher rows: slots empty, tail: no mass (compact rows are not padded).
+TEACHER_PAD = {"teacher_indices": -1, "teacher_values": 0.0, "teacher_tail": -math.inf}
+PAD = {**POSITION_PAD, **TEACHER_PAD}
 
 
 def collate(samples: list[dict]) -> dict:
-    """Right-pad ShardDataset samples into [B, L] / [B, L, k] tensors, one sequence per row; ``damaged``
-    lists the ShardErrors of the samples ``CatchDamaged`` replaced, ``num_tokens`` counts the others' tokens."""
-    return {**_right_pad(samples), **_batch_info(samples)}
+    """ShardDataset samples, one sequence per row, right-padded into ``input_ids`` / ``labels`` [B, L];
+    teacher rows as ``batch_rows`` lays them out. ``damaged`` lists the ShardErrors of the samples
+    ``CatchDamaged`` replaced, ``num_tokens`` counts the others' tokens."""
+    return {**batch_rows([[sample] for sample in samples], compact_layout(samples)), **_batch_info(samples)}
 
 
 def pack(samples: list[dict], pack_length: int = 0) -> dict:
     """The samples laid into rows of at most ``max(pack_length, longest sample)`` positions (first-fit
-    decreasing), right-padded to the fullest row; ``position_ids`` [R, L] restart at 0 for each sample
-    (and for the padding). ``damaged`` and ``num_tokens`` as in ``collate``."""
+    decreasing), right-padded to the fullest row; ``position_ids`` [B, L] restart at 0 for each sample
+    (and for the padding). Teacher rows, ``damaged`` and ``num_tokens`` as in ``collate``."""
     lengths = [len(s["input_ids"]) for s in samples]
     rows = pack_rows(lengths, max(pack_length, *lengths))
-    joined = [{name: torch.cat([samples[i][name] for i in row]) for name in PAD} for row in rows]
+    batch = batch_rows([[samples[i] for i in row] for row in rows], compact_layout(samples))
     positions = [torch.cat([torch.arange(lengths[i]) for i in row]) for row in rows]
-    batch = _right_pad(joined)
     batch["position_ids"] = nn.utils.rnn.pad_sequence(positions, batch_first=True, padding_value=0)
     return {**batch, **_batch_info(samples)}
+
+
+def batch_rows(rows: list[list[dict]], compact: bool) -> dict:
+    """Each row's samples joined in order, right-padded to the longest row: ``input_ids`` / ``labels``
+    [B, L]. Full-length samples' teacher tensors are padded the same way ([B, L, k], [B, L]); ``compact``
+    samples' (``ShardDataset(compact=True)``) are concatenated in row-major order of the batch's labelled
+    positions ([N, k], [N]), so that row n of them belongs to the n-th entry of ``labels[labels != -100]``."""
+    samples = [sample for row in rows for sample in row]
+    names = POSITION_PAD if compact else PAD
+    joined = [{name: _join([sample[name] for sample in row]) for name in names} for row in rows]
+    batch = {name: nn.utils.rnn.pad_sequence([r[name] for r in joined], batch_first=True, padding_value=pad)
+             for name, pad in names.items()}
+    if compact:
+        batch.update({name: torch.cat([sample[name] for sample in samples]) for name in TEACHER_PAD})
+    return batch
+
+
+def _join(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors concatenated along their first dimension (a single one as it is, not copied)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def compact_layout(samples: list[dict]) -> bool:
+    """Whether the samples hold compact teacher rows, one per labelled position (a full-length sample has
+    one per position, and its last position never has a label, so the two never look alike); ValueError
+    when the samples mix the layouts or a compact sample's rows do not match its labels."""
+    rows = [len(s["teacher_tail"]) for s in samples]
+    positions = [len(s["input_ids"]) for s in samples]
+    if all(r == p for r, p in zip(rows, positions)):
+        return False
+    for i, sample in enumerate(samples):
+        labelled = int((sample["labels"] != IGNORE_INDEX).sum())
+        counts = (len(sample["teacher_indices"]), len(sample["teacher_values"]), rows[i])
+        if counts != (labelled,) * 3:
+            raise ValueError(f"sample {i} of the batch has {counts} rows of (teacher_indices, teacher_values, "
+                             f"teacher_tail) for {labelled} labelled positions (of {positions[i]}): a batch takes "
+                             "compact samples only (one teacher row per label) or full-length ones only (one per "
+                             "position)")
+    return True
 
 
 def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:
@@ -82,11 +131,6 @@ def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:
         rows[row].append(index)
         room[row] -= lengths[index]
     return rows
-
-
-def _right_pad(rows: list[dict]) -> dict:
-    return {name: nn.utils.rnn.pad_sequence([r[name] for r in rows], batch_first=True, padding_value=pad)
-            for name, pad in PAD.items()}
 
 
 def _batch_info(samples: list[dict]) -> dict:
@@ -110,12 +154,12 @@ class CatchDamaged(torch.utils.data.Dataset):
             return {**self.empty_sample(), "damaged": e}
 
     def empty_sample(self) -> dict[str, torch.Tensor]:
-        """One padded row: no active token, empty teacher slots."""
-        k = self.dataset.k
+        """One padded position without a label: no teacher row (compact datasets) or one with empty slots."""
+        k, rows = self.dataset.k, 0 if self.dataset.compact else 1
         return {"input_ids": torch.zeros(1, dtype=torch.long), "labels": torch.full((1,), IGNORE_INDEX),
-                "teacher_indices": torch.full((1, k), -1, dtype=self.dataset.index_dtype),
-                "teacher_values": torch.zeros(1, k, dtype=self.dataset.values_dtype),
-                "teacher_tail": torch.full((1,), -math.inf)}
+                "teacher_indices": torch.full((rows, k), -1, dtype=self.dataset.index_dtype),
+                "teacher_values": torch.zeros(rows, k, dtype=self.dataset.values_dtype),
+                "teacher_tail": torch.full((rows,), -math.inf)}
 
 
 def apply_damage_policy(errors: list[ShardError], skip: bool) -> int:
@@ -147,13 +191,14 @@ class MicroBatchSampler(torch.utils.data.Sampler):
 SHARED_TARGET_FIELDS = ("kind", "vocab_size", "k", "capture_temperature")
 
 
-def open_train_data(config: TrainConfig, rank: int, world_size: int,
-                    vocab_size: int) -> ShardDataset | ShardMixture:
-    """``train_shards``: one directory as a ShardDataset, several as a ShardMixture."""
+def open_train_data(config: TrainConfig, rank: int, world_size: int, vocab_size: int, *,
+                    compact: bool = False) -> ShardDataset | ShardMixture:
+    """``train_shards``: one directory as a ShardDataset, several as a ShardMixture; ``compact``: their
+    samples hold the teacher rows of the labelled positions only (the trainer's), else one per position."""
     if len(config.train_dirs) == 1:
         return ShardDataset(config.train_dirs[0], seed=config.seed, rank=rank, world_size=world_size,
-                            vocab_size=vocab_size)
-    parts = [ShardDataset(path, shuffle=False, vocab_size=vocab_size) for path in config.train_dirs]
+                            vocab_size=vocab_size, compact=compact)
+    parts = [ShardDataset(path, shuffle=False, vocab_size=vocab_size, compact=compact) for path in config.train_dirs]
     return ShardMixture(parts, config.train_dirs, config.train_weights, seed=config.seed, rank=rank,
                         world_size=world_size)
 
@@ -181,6 +226,7 @@ class ShardMixture(torch.utils.data.Dataset):
     capture_temperature = property(lambda self: self.parts[0].capture_temperature)
     index_dtype = property(lambda self: self.parts[0].index_dtype)
     values_dtype = property(lambda self: self.parts[0].values_dtype)
+    compact = property(lambda self: self.parts[0].compact)
     learned_tokens = property(lambda self: sum(part.learned_tokens for part in self.parts))
     total_tokens = property(lambda self: sum(part.total_tokens for part in self.parts))
 

@@ -13,6 +13,10 @@ Packing (``packing = true``) changes the layout of a micro-batch, not its sequen
 ``kdfast.train.data``): the order, the data position and the loss normalisation are those of the
 padded batches, so the losses and gradients equal theirs up to float rounding.
 
+Compact rows. Training and held-out data are read as compact samples (teacher rows of the labelled
+positions only) and the LM head and the loss run on the labelled positions' hidden states only
+(``kdfast.train.student.DistillationModule``), in both layouts.
+
 Loss normalisation. Before the first micro-batch of a step the trainer counts the active tokens
 (label != -100) of all its micro-batches, sums that count over ranks with one all_reduce and gives it
 to every micro-batch as ``num_items``; each micro-batch's loss is then its share of the mean over the
@@ -93,9 +97,9 @@ class Trainer:
         self.tokenizer = student_tokenizer(config)
         self.num_parameters = sum(p.numel() for p in self.student.parameters())
         vocab = student_vocab(self.student)
-        self.train_data = open_train_data(config, self.rank, self.world_size, vocab)
+        self.train_data = open_train_data(config, self.rank, self.world_size, vocab, compact=True)
         self.eval_data = (ShardDataset(config.eval_shards, shuffle=False, rank=self.rank, world_size=self.world_size,
-                                       vocab_size=vocab) if config.eval_shards else None)
+                                       vocab_size=vocab, compact=True) if config.eval_shards else None)
         self.value_scale = check_teacher_targets(config, self.train_data, self.eval_data)
 
         self.autocast_dtype = torch.bfloat16 if config.bf16 and self.device.type == "cuda" else None

@@ -152,6 +152,13 @@ class DistillationModule(nn.Module):
 
     ``forward(batch, num_items)`` -> (loss, LossComponents) for training; ``forward(batch,
     evaluate=True)`` -> float64 sums [ce, kd, active tokens, top-1 matches, top-1 rows] for evaluation.
+    ``batch`` is a compact batch (``kdfast.train.data.collate`` or ``pack`` of ``ShardDataset(compact=True)``
+    samples): ``input_ids`` / ``labels`` [B, L] and teacher rows [N, k] / [N] of the N labelled positions in
+    row-major order. The student runs on every position; the head and the loss run on the hidden states
+    of the labelled positions only (row j of the hidden states predicts ``labels[j]``: the labels are
+    shifted already), the rows that carry loss, so prompt and padding positions cost no head matmul and no
+    softmax. Rows without a label add nothing to the loss or its gradients and the divisor is the count of
+    labels either way, so this is the loss of all rows with the full-length teacher tensors.
     A packed batch (``kdfast.train.data.pack``) carries ``position_ids``, which go to the student.
     ``loss_options`` are ``fused_linear_kd_loss`` keywords; with ``tail`` the batch's ``teacher_tail``
     (the shards' exact tail log-mass) is passed as well, instead of the mass recomputed from the values.
@@ -165,8 +172,8 @@ class DistillationModule(nn.Module):
         self.hf = is_hf_causal_lm(student)
 
     def loss_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None):
-        """What the fused loss takes: the hidden states [B, L, H] and the LM head (weight [V, H], bias [V]),
-        in the compute dtype. ``position_ids`` [B, L]: a packed batch's (Hugging Face students only)."""
+        """The student's hidden states [B, L, H] and the LM head (weight [V, H], bias [V]), in the compute
+        dtype. ``position_ids`` [B, L]: a packed batch's (Hugging Face students only)."""
         with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
             if self.hf:
@@ -183,29 +190,28 @@ class DistillationModule(nn.Module):
 
     def forward(self, batch: dict, num_items: torch.Tensor | None = None, evaluate: bool = False):
         hidden, weight, bias = self.loss_inputs(batch["input_ids"], batch.get("position_ids"))
+        labelled = batch["labels"] != IGNORE_INDEX  # [B, L]
+        rows, labels = hidden[labelled], batch["labels"][labelled]  # [N, H], [N]: the rows the teacher rows fit
         if evaluate:
             with torch.no_grad():
-                return self._eval_sums(hidden, weight, bias, batch)
-        return fused_linear_kd_loss(hidden, weight, batch["labels"], bias=bias, num_items=num_items,
-                                    return_components=True, **self._teacher(batch), **self.loss_options)
+                return self._eval_sums(rows, weight, bias, labels, self._teacher(batch))
+        return fused_linear_kd_loss(rows, weight, labels, bias=bias, num_items=num_items, return_components=True,
+                                    **self._teacher(batch), **self.loss_options)
 
-    def _eval_sums(self, hidden, weight, bias, batch) -> torch.Tensor:
-        """[ce_sum, kd_sum, active, top1_matches, top1_rows] over the batch, a chunk of logits at a time."""
-        hidden = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
-        labels = batch["labels"].reshape(-1)  # [N]
-        teacher = {name: t.flatten(0, 1) for name, t in self._teacher(batch).items()}  # [N, k] or [N]
+    def _eval_sums(self, hidden, weight, bias, labels, teacher) -> torch.Tensor:
+        """[ce_sum, kd_sum, active, top1_matches, top1_rows] over the labelled rows ``hidden`` [N, H], a chunk
+        of logits at a time."""
         options = {key: value for key, value in self.loss_options.items() if key in _EVAL_OPTIONS}
         rows = self.loss_options["chunk_size"] or default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.dtype)
         sums = torch.zeros(5, dtype=torch.float64, device=hidden.device)
         for start in range(0, hidden.shape[0], rows):
             chunk = slice(start, min(start + rows, hidden.shape[0]))
             logits = nn.functional.linear(hidden[chunk], weight, bias)  # [c, V]
-            active = labels[chunk] != IGNORE_INDEX
-            n_active = active.sum()
+            n_active = torch.tensor(logits.shape[0], device=logits.device)
             _, parts = kd_loss(logits, labels[chunk], return_components=True, **options,
                                **{name: t[chunk] for name, t in teacher.items()})
             teacher_top1 = _teacher_top1(teacher["teacher_indices"][chunk], teacher["teacher_values"][chunk])  # [c]
-            scored = active & (teacher_top1 >= 0)
+            scored = teacher_top1 >= 0
             matches = (logits.argmax(-1) == teacher_top1) & scored
             chunk_sums = [parts.ce * n_active, parts.kd * n_active, n_active, matches.sum(), scored.sum()]
             sums += torch.stack(chunk_sums).double()
