@@ -57,9 +57,17 @@ IGNORE_INDEX = -100
 def _inputs_and_labels(tokens: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """``input_ids`` [L] int64 (the tokens) and ``labels`` [L] int64: the next token where the position
     is learned, -100 elsewhere and at the last position."""
-    labels = np.full(len(tokens), IGNORE_INDEX, np.int64)
-    np.copyto(labels[:-1], tokens[1:], where=mask[:-1])
-    return torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(labels)
+    input_ids = tokens.astype(np.int64)
+    labels = np.empty_like(input_ids)
+    labels.fill(IGNORE_INDEX)
+    np.copyto(labels[:-1], input_ids[1:], where=mask[:-1])
+    return torch.from_numpy(input_ids), torch.from_numpy(labels)
+
+
+def _as(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """``array`` as a tensor of ``dtype``: the array itself when it has that type, else a converted copy."""
+    tensor = torch.from_numpy(array)
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 class ShardSampler(Sampler[int]):
@@ -160,22 +168,23 @@ class ShardDataset(Dataset):
         return {
             "input_ids": input_ids,  # [L] int64
             "labels": labels,  # [L] int64
-            "teacher_indices": torch.from_numpy(seq.indices).to(self.index_dtype),  # [L, k]
-            "teacher_values": torch.from_numpy(seq.values).to(self.values_dtype),  # [L, k]
+            "teacher_indices": _as(seq.indices, self.index_dtype),  # [L, k]
+            "teacher_values": _as(seq.values, self.values_dtype),  # [L, k]
             "teacher_tail": torch.from_numpy(seq.tail),  # [L] float32
         }
 
     def _compact_sample(self, index: int) -> dict[str, torch.Tensor]:
         """Sequence ``index`` with the teacher rows of its labelled positions only."""
-        seq = self.shards.read_learned(index)
-        input_ids, labels = _inputs_and_labels(seq.tokens, seq.mask)
-        rows = len(seq.tail) - int(seq.mask[-1])  # a learned last position's row has no label
+        tokens, indices, values, tail, mask = self.shards.read_learned(index)
+        input_ids, labels = _inputs_and_labels(tokens, mask)
+        if mask[-1]:  # a learned last position's row has no label
+            indices, values, tail = indices[:-1], values[:-1], tail[:-1]
         return {
             "input_ids": input_ids,  # [L] int64
             "labels": labels,  # [L] int64
-            "teacher_indices": torch.from_numpy(seq.indices[:rows]).to(self.index_dtype),  # [R, k]
-            "teacher_values": torch.from_numpy(seq.values[:rows]).to(self.values_dtype),  # [R, k]
-            "teacher_tail": torch.from_numpy(seq.tail[:rows]),  # [R] float32
+            "teacher_indices": _as(indices, self.index_dtype),  # [R, k]
+            "teacher_values": _as(values, self.values_dtype),  # [R, k]
+            "teacher_tail": torch.from_numpy(tail),  # [R] float32
         }
 
     def __iter__(self):

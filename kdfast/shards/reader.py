@@ -5,8 +5,9 @@ depth-limited, every field present and typed), then per shard its size against t
 header (magic, version, checksum, canonical layout), the footer, and that header and manifest
 agree. That costs a few hundred bytes of I/O per shard, independent of its size.
 
-Reads use ``os.preadv`` into fresh arrays, never a memory map: a shard truncated or rewritten in
-place while it is open gives a short read or a checksum mismatch (ShardError), never SIGBUS. A
+Reads use ``pread`` into fresh arrays (one call per section a sequence touches), never a memory map:
+a shard truncated or rewritten in place while it is open gives a short read or a checksum mismatch
+(ShardError), never SIGBUS. A
 version-2 read checks the xxh3_64 of every byte it returns against its sequence's index record; a
 version-1 read (no per-sequence checksums in that format) checks the shard's whole-section checksums
 once, before the first read from that shard object. Every read also range-checks what it returns,
@@ -21,6 +22,7 @@ File descriptors are opened on the first read; a forked DataLoader worker shares
 """
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import os
@@ -45,6 +47,7 @@ MAX_JSON_BYTES = 64 << 20  # manifest / capture.json size cap (a 1000-shard mani
 MAX_JSON_DEPTH = 32  # nesting of objects and arrays (kdfast writes at most 4)
 _CHUNK_BYTES = 16 << 20  # streamed whole-section checksums
 _EMPTY_CHECKSUM = xxhash.xxh3_64_intdigest(b"")
+_NO_ROWS = np.empty((0, 0), np.uint8)  # what the decoders get for an empty section (they do not look at it)
 
 
 class SequenceArrays(NamedTuple):
@@ -85,15 +88,18 @@ def _open_regular(path: Path, missing: str) -> io.FileIO:
     return io.FileIO(fd, "r")
 
 
-def _pread_into(handle: io.FileIO, view: np.ndarray, offset: int) -> int:
-    """Fill the uint8 array ``view`` from file offset ``offset``; returns the bytes read (fewer at end of file)."""
-    fd = handle.fileno()
-    done = os.preadv(fd, [view], offset) if view.size else 0
-    while 0 < done < view.size:  # a short read: continue after it
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:
-            break
-        done += got
+def _pread_into(fd: int, out: np.ndarray, offset: int) -> int:
+    """Fill the C-contiguous array ``out`` from file offset ``offset``; returns the bytes read (fewer at end
+    of file)."""
+    size = out.nbytes
+    done = os.preadv(fd, [out], offset) if size else 0
+    if 0 < done < size:  # a short read: continue after it
+        view = out.reshape(-1).view(np.uint8)
+        while done < size:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                break
+            done += got
     return done
 
 
@@ -145,8 +151,9 @@ class ShardFile:
         self.header = header
         self._handle: io.FileIO | None = None
         self._sections_checked = False  # version 1: whole-section checksums checked by this object
-        self._rows = _row_layout(header)
-        self._plan = _read_plan(header, self._rows)
+        self._sections, self._empty_sections = _read_plan(header)
+        self._index_offset = header.sections["index"][0] if header.version == 2 else None
+        self._no_parts = tuple(_NO_ROWS if name in header.sections else None for name in SEQUENCE_SECTIONS)
 
     @classmethod
     def open(cls, path: str | Path, *, manifest: dict | None = None, entry: dict | None = None) -> ShardFile:
@@ -167,7 +174,7 @@ class ShardFile:
             handle = _open_regular(self.path, "shard file disappeared after the dataset was opened")
             header = np.empty(HEADER_SIZE, np.uint8)  # [256] uint8
             size = os.fstat(handle.fileno()).st_size
-            if (size != self.header.total_size() or _pread_into(handle, header, 0) != HEADER_SIZE
+            if (size != self.header.total_size() or _pread_into(handle.fileno(), header, 0) != HEADER_SIZE
                     or header.tobytes() != self.header.pack()):
                 handle.close()
                 raise ShardError(self.path, f"changed since the dataset was opened (now {size} bytes): replaced, "
@@ -185,17 +192,23 @@ class ShardFile:
     def _pread(self, offset: int, dtype: np.dtype, shape: tuple, what: str, local: int | None,
                expected: int | None = None) -> np.ndarray:
         """A fresh array of ``shape`` read from ``offset``; ``expected``: its xxh3_64 (checked while hot)."""
-        out = np.empty(shape, dtype)
-        view = out.reshape(-1).view(np.uint8)
+        return self._fill(self._file().fileno(), np.empty(shape, dtype), offset, what, local, expected)
+
+    def _fill(self, fd: int, out: np.ndarray, offset: int, what: str, local: int | None,
+              expected: int | None) -> np.ndarray:
+        """``out`` filled from ``offset`` of the shard's descriptor ``fd``; ``expected``: its xxh3_64."""
         try:
-            got = _pread_into(self._file(), view, offset)
+            got = _pread_into(fd, out, offset)
         except OSError as e:
             raise self._error(f"cannot read the {what} section: {e.strerror}", local, what) from None
-        if got != view.size:
+        if got != out.nbytes:
             raise self._error(f"the file ends inside the {what} section: truncated after it was opened", local, what)
-        if expected is not None and xxhash.xxh3_64_intdigest(view) != expected:
-            raise self._error(f"{what} section checksum mismatch: the section is damaged", local, what)
+        if expected is not None and xxhash.xxh3_64_intdigest(out) != expected:
+            raise self._mismatch(what, local)
         return out
+
+    def _mismatch(self, what: str, local: int | None) -> ShardError:
+        return self._error(f"{what} section checksum mismatch: the section is damaged", local, what)
 
     def read(self, local: int, *, verify: bool = True) -> SequenceArrays:
         """Sequence ``local`` (0-based within this shard) with one target row per position, empty where
@@ -214,63 +227,93 @@ class ShardFile:
         h = self.header
         if verify and h.version == 1 and not self._sections_checked:
             self._check_sections(local)
-        record = self._locate(local)
-        parts = {}
-        checksums = record.checksums if verify else ()
-        for slot, name, per_position, layout in self._plan:
-            start, end = ((record.token_start, record.token_end) if per_position
-                          else (record.target_start, record.target_end))
-            expected = checksums[slot] if checksums else None
-            if layout is not None:
-                offset, size, dtype, shape = layout
-                parts[name] = self._pread(offset + start * size, dtype, (end - start, *shape), name, local, expected)
-            else:  # an empty section: its slice of every sequence is empty
-                parts[name] = np.empty((end - start, 0), np.uint8)
-                if expected is not None and expected != _EMPTY_CHECKSUM:
-                    raise self._error(f"{name} section checksum mismatch: the index record is damaged", local, name)
-        learned = self._mask(parts.get("mask"), record, local)
-        indices = decode_indices(parts["indices"], parts["index_high"], h.index_encoding, h.k)
-        values = decode_values(parts["values"], parts["value_scale"], h.value_dtype)
-        if not checksums:  # checksummed bytes are the writer's, which it range-checked
-            self._check_ranges(parts["tokens"], indices, values, parts["tail"], local)
-        return LearnedRows(parts["tokens"], indices, values, parts["tail"], learned)
+        fd = self._file().fileno()
+        record = self._record(fd, local) if h.version == 2 else self._locate_v1(fd, local)
+        checksums = record.checksums if verify and h.version == 2 else None  # version 1 records have none
+        if checksums is not None:
+            self._check_empty_sections(checksums, local)
+        tokens, mask, low, high, stored, scale, tail = self._read_rows(fd, record, checksums, local)
+        learned = self._mask(mask, record, local)
+        indices = decode_indices(low, high, h.index_encoding, h.k)
+        values = decode_values(stored, scale, h.value_dtype)
+        if checksums is None:  # checksummed bytes are the writer's, which it range-checked
+            self._check_ranges(tokens, indices, values, tail, local)
+        return LearnedRows(tokens, indices, values, tail, learned)
+
+    def _read_rows(self, fd: int, record: IndexRecord, checksums: tuple[int, ...] | None, local: int) -> list:
+        """Sequence ``local``'s rows of every SEQUENCE_SECTIONS entry, in that order: for a non-empty section
+        one pread into a fresh array, checked against its entry of ``checksums`` (None: not checked); for
+        an empty one ``_NO_ROWS``; None for the mask of version 1, which has none."""
+        spans = ((record.target_start, record.target_end), (record.token_start, record.token_end))
+        parts = list(self._no_parts)
+        for slot, name, per_position, offset, size, dtype, row_shape in self._sections:
+            start, end = spans[per_position]
+            out = parts[slot] = np.empty((end - start, *row_shape), dtype)
+            at = offset + start * size
+            try:
+                complete = os.preadv(fd, [out], at) == out.nbytes
+            except OSError:
+                complete = False
+            if not complete:  # a short read or an error: _fill continues it or says what is wrong
+                self._fill(fd, out, at, name, local, None)
+            if checksums is not None and xxhash.xxh3_64_intdigest(out) != checksums[slot]:
+                raise self._mismatch(name, local)
+        return parts
+
+    def _check_empty_sections(self, checksums: tuple[int, ...], local: int) -> None:
+        """A sequence's slice of an empty section is empty: its checksum must be that of no bytes."""
+        for slot, name in self._empty_sections:
+            if checksums[slot] != _EMPTY_CHECKSUM:
+                raise self._error(f"{name} section checksum mismatch: the index record is damaged", local, name)
 
     def _check_ranges(self, tokens, indices, values, tail, local: int) -> None:
         problem = range_problem(tokens, indices, values, tail, self.header.vocab_size, self.header.kind)
         if problem:
             raise self._error(f"{problem}: a data section is damaged (run kdfast verify)", local)
 
-    def _locate(self, local: int) -> IndexRecord:
-        """Where sequence ``local`` lies (version 1: from the offsets section, without checksums)."""
+    def _locate_v1(self, fd: int, local: int) -> IndexRecord:
+        """Where sequence ``local`` of a version-1 shard lies, from its offsets section (no checksums); ``fd``:
+        the shard's descriptor."""
         h = self.header
-        if h.version == 1:
-            start, end = self._pread(h.sections["offsets"][0] + 8 * local, np.dtype("<u8"), (2,), "offsets",
-                                     local).tolist()
-            if not 0 <= start < end <= h.num_tokens:
-                raise self._error(f"spans tokens [{start}, {end}) outside the shard's {h.num_tokens}: offsets "
-                                  "section damaged (run kdfast verify)", local, "offsets")
-            return IndexRecord(start, end, start, end, ())
-        raw = self._pread(h.sections["index"][0] + IndexRecord.SIZE * local, np.dtype("u1"), (IndexRecord.SIZE,),
-                          "index", local)
-        record = IndexRecord.unpack(raw.tobytes())
+        start, end = self._fill(fd, np.empty(2, "<u8"), h.sections["offsets"][0] + 8 * local, "offsets", local,
+                                None).tolist()
+        if not 0 <= start < end <= h.num_tokens:
+            raise self._error(f"spans tokens [{start}, {end}) outside the shard's {h.num_tokens}: offsets "
+                              "section damaged (run kdfast verify)", local, "offsets")
+        return IndexRecord(start, end, start, end, ())
+
+    def _record(self, fd: int, local: int) -> IndexRecord:
+        """Sequence ``local``'s index record (version 2), checked: its own checksum, and that it lies inside
+        the shard. One ``os.pread``; through ``_fill`` (which continues a short read or says what is wrong)
+        when that does not return the record's 96 bytes."""
+        h = self.header
+        offset = self._index_offset + IndexRecord.SIZE * local
+        try:
+            raw = os.pread(fd, IndexRecord.SIZE, offset)
+        except OSError:
+            raw = b""  # _fill reads again and reports the error
+        if len(raw) != IndexRecord.SIZE:
+            raw = self._fill(fd, np.empty(IndexRecord.SIZE, np.uint8), offset, "index", local, None)
+        record = IndexRecord.unpack(raw)
         if record is None:
             raise self._error("index section checksum mismatch: the sequence's index record is damaged", local,
                               "index")
-        tokens, targets = record.token_end - record.token_start, record.target_end - record.target_start
-        if not (0 <= record.token_start < record.token_end <= h.num_tokens and 0 <= record.target_start
-                < record.target_end <= h.num_learned and targets <= tokens):
-            raise self._error(f"index record places it outside the shard (tokens [{record.token_start}, "
-                              f"{record.token_end}), targets [{record.target_start}, {record.target_end}))", local,
-                              "index")
+        token_start, token_end, target_start, target_end, _ = record
+        if not (0 <= token_start < token_end <= h.num_tokens and 0 <= target_start < target_end <= h.num_learned
+                and target_end - target_start <= token_end - token_start):
+            raise self._error(f"index record places it outside the shard (tokens [{token_start}, {token_end}), "
+                              f"targets [{target_start}, {target_end}))", local, "index")
         return record
 
     def _mask(self, mask: np.ndarray | None, record: IndexRecord, local: int) -> np.ndarray:
         """[L] bool learned positions; the mask must hold 0/1 and as many ones as there are target rows."""
         if mask is None:
             return np.ones(record.token_end - record.token_start, bool)
-        if mask.max() > 1 or np.count_nonzero(mask) != record.target_end - record.target_start:
-            raise self._error(f"mask does not match its {record.target_end - record.target_start} target rows: "
-                              "the mask section is damaged (run kdfast verify)", local, "mask")
+        rows = record.target_end - record.target_start
+        stored = mask.tobytes()  # bytes.count: cheaper than numpy reductions over a few hundred bytes
+        if stored.count(1) != rows or stored.count(0) != len(stored) - rows:
+            raise self._error(f"mask does not match its {rows} target rows: the mask section is damaged (run "
+                              "kdfast verify)", local, "mask")
         return mask.view(np.bool_)
 
     def verify(self) -> None:
@@ -319,24 +362,31 @@ class ShardFile:
                                   section="index")
 
 
-def _row_layout(h: Header) -> dict[str, tuple[int, int, np.dtype, tuple]]:
-    """Per non-empty per-sequence section: (section offset, bytes per row, storage dtype, shape of a row)."""
+class _Section(NamedTuple):
+    """How a read finds a sequence's rows in one non-empty per-sequence section."""
+
+    slot: int  # the section's position in an index record's checksums (SEQUENCE_SECTIONS order)
+    name: str
+    per_position: bool  # a row per position (tokens, mask) rather than per learned position
+    offset: int  # of the section in the file
+    row_bytes: int
+    dtype: np.dtype  # storage type of a row's elements
+    row_shape: tuple  # shape of one row
+
+
+def _read_plan(h: Header) -> tuple[tuple[_Section, ...], tuple[tuple[int, str], ...]]:
+    """The per-sequence sections a read touches, in SEQUENCE_SECTIONS order (version 1 has no mask): the
+    non-empty ones as ``_Section``s, and (checksum slot, name) of the empty ones."""
     rows = row_bytes(h.k, h.value_dtype, h.index_encoding, h.index_bits)
     storage = {"tokens": "<i4", "mask": "u1", "indices": "<u2" if h.index_encoding == "packed" else "<i4",
                "index_high": "u1", "values": {"float16": "<f2", "bfloat16": "<u2", "uint8": "u1"}[h.value_dtype],
                "value_scale": "<f4", "tail": "<f4"}
     shapes = {"tokens": (), "mask": (), "indices": (h.k,), "index_high": (h.index_bits - 16, -(-h.k // 8)),
               "values": (h.k,), "value_scale": (2,), "tail": ()}
-    return {name: (h.sections[name][0], rows[name], np.dtype(storage[name]), shapes[name])
-            for name in SEQUENCE_SECTIONS if name in h.sections and rows[name]}
-
-
-def _read_plan(h: Header, rows: dict) -> tuple[tuple[int, str, bool, tuple | None], ...]:
-    """Per section a sequence read touches, in order: (its slot in an index record's checksums, name, whether
-    it has a row per position rather than per learned position, its ``_row_layout`` entry or None when
-    empty); version 1 has no mask section."""
-    return tuple((slot, name, name in TOKEN_SECTIONS, rows.get(name)) for slot, name in enumerate(SEQUENCE_SECTIONS)
-                 if name in h.sections)
+    present = [(slot, name) for slot, name in enumerate(SEQUENCE_SECTIONS) if name in h.sections]
+    sections = tuple(_Section(slot, name, name in TOKEN_SECTIONS, h.sections[name][0], rows[name],
+                              np.dtype(storage[name]), shapes[name]) for slot, name in present if rows[name])
+    return sections, tuple((slot, name) for slot, name in present if not rows[name])
 
 
 def _spread(learned: np.ndarray, indices: np.ndarray, values: np.ndarray, tail: np.ndarray, kind: str):
@@ -509,7 +559,7 @@ class ShardSet:
         self.manifest = manifest
         self.shards = shards
         self.verify_reads = verify_reads
-        self._starts = np.array([s.header.first_sequence for s in shards], np.int64)
+        self._starts = [s.header.first_sequence for s in shards]
 
     vocab_size = property(lambda self: self.manifest["vocab_size"])
     k = property(lambda self: self.manifest["k"])
@@ -545,8 +595,8 @@ class ShardSet:
         """The shard holding sequence ``index`` and the sequence's number within it."""
         if not 0 <= index < len(self):
             raise IndexError(f"sequence {index} out of range for {len(self)} sequences")
-        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
-        return self.shards[shard], index - int(self._starts[shard])
+        shard = bisect.bisect_right(self._starts, index) - 1
+        return self.shards[shard], index - self._starts[shard]
 
     def verify(self, progress: bool = False) -> None:
         """Check every byte of every shard; raises ShardError at the first problem."""
