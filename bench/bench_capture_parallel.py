@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from kdfast.report import describe_machine
 
 # (name, processes, intra-op threads per process)
 CONFIGURATIONS = [("1 process, 1 thread", 1, 1), ("1 process, 2 threads", 1, 2), ("2 processes, 1 thread each", 2, 1)]
@@ -55,13 +56,6 @@ def timed_capture(processes: int, threads: int, teacher: Path, tokens: Path, out
     return time.perf_counter() - began
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sequences", type=int, default=96)
@@ -85,7 +79,7 @@ def main() -> None:
         load_after = os.getloadavg()
 
     tokens = args.sequences * args.seq_len
-    lines = [f"Machine: {cpu_model()}, {os.cpu_count()} CPUs; load average (1, 5, 15 min) before "
+    lines = [f"Machine: {describe_machine()['cpu']}, {os.cpu_count()} CPUs; load average (1, 5, 15 min) before "
              f"{tuple(round(x, 2) for x in load_before)}, after {tuple(round(x, 2) for x in load_after)}",
              f"Teacher: Llama hidden 256, 4 layers, vocabulary {args.vocab}, float32; {args.sequences} sequences x "
              f"{args.seq_len} tokens, k = {args.k}, {args.rounds} interleaved rounds",

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kdfast.report import describe_machine
+
 DEMO = "kdfast demo --quick --no-progress"
 BUSY = [sys.executable, "-c", "while True: pass"]
 STAGES = ("teacher", "capture", "distill", "baseline", "evaluate")
@@ -35,16 +37,6 @@ THREAD_LINE = re.compile(r"kdfast demo: (\d+) PyTorch threads? \((.*?); change w
 
 def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load() -> str:
@@ -95,7 +87,7 @@ def markdown(command: list[str], rows: list[dict], argv: list[str]) -> str:
         "# `kdfast demo --quick` under contention", "",
         f"- command: `{shlex.join(['python', 'bench/bench_demo_contention.py', *argv])}`",
         f"- each run: `{shlex.join(command)} --out <new dir> [--threads N]`; busy process: `python {shlex.join(BUSY[1:])}`",
-        f"- CPU: {cpu_model()}, {usable_cpus()} usable of {os.cpu_count()} CPUs; Python {platform.python_version()}",
+        f"- CPU: {describe_machine()['cpu']}, {usable_cpus()} usable of {os.cpu_count()} CPUs; Python {platform.python_version()}",
         f"- {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; load averages are 1 / 5 / 15 minutes",
         "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
     ]

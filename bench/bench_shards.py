@@ -25,7 +25,6 @@ import argparse
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,17 +34,12 @@ import numpy as np
 import torch
 
 from kdfast.capture import capture
+from kdfast.report import describe_machine
 from kdfast.shards import ShardDataset, ShardWriter
 from kdfast.shards.format import decode_values, encode_values
 
 ENCODINGS = [("float16", "int32"), ("bfloat16", "int32"), ("float16", "packed"), ("uint8", "packed"),
              ("uint8", "int32")]
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-    return f"{model}, {os.cpu_count()} logical CPUs"
 
 
 def synthetic_targets(rng: np.random.Generator, length: int, k: int, vocab: int):
@@ -257,7 +251,7 @@ def main() -> None:
         load = Path("/proc/loadavg").read_text().split()[:3]
         header = ["# kdfast shards on CPU", "",
                   f"- command: `python {' '.join(sys.argv)}`",
-                  f"- CPU: {cpu_model()}; /proc/loadavg at start {' '.join(load)}",
+                  f"- CPU: {describe_machine()['cpu']}, {os.cpu_count()} logical CPUs; /proc/loadavg at start {' '.join(load)}",
                   f"- Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
                   f"torch threads {torch.get_num_threads()}", ""]
         report = (header + bench_reads(args, root) + [""] + bench_masked_reads(args, root) + [""]

@@ -11,6 +11,7 @@ import math
 import numbers
 import operator
 import os
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -349,6 +350,97 @@ def num_items(op: str, opts: LossOptions, num_items):
 
 
 # ----------------------------------------------------------------------------------------------
+# Several teachers (fused op): teacher_weights, and one tensor per teacher in each teacher argument.
+# ----------------------------------------------------------------------------------------------
+
+
+class Teacher(NamedTuple):
+    """One stored teacher's tensors as the caller gave them (None where not given)."""
+
+    logits: torch.Tensor | None  # [..., V]
+    indices: torch.Tensor | None  # [..., k]
+    values: torch.Tensor | None  # [..., k]
+    tail: torch.Tensor | None  # [...]
+
+
+_TEACHER_ARGUMENTS = ("teacher_logits", "teacher_indices", "teacher_values", "teacher_tail")
+
+
+def weighted_teachers(
+    target: Logits,
+    opts: LossOptions,
+    teacher_weights,
+    teacher_logits,  # [..., V], or one per teacher
+    teacher_indices,  # [..., k], or one per teacher
+    teacher_values,  # [..., k], or one per teacher
+    teacher_tail,  # [...], or one per teacher
+    online: bool,
+) -> tuple[tuple[float, ...], list[Teacher]]:
+    """(weights, teachers) of the fused op, each teacher validated as ``teacher`` does.
+
+    ``teacher_weights=None``: the arguments are one teacher's tensors (weight 1; a list or tuple among
+    them is a mistake). Otherwise each given argument is a sequence with one tensor (or None) per weight,
+    and messages about teacher j start with ``"<op>: teacher j: "``.
+    """
+    op = target.op
+    given = dict(zip(_TEACHER_ARGUMENTS, (teacher_logits, teacher_indices, teacher_values, teacher_tail)))
+    if teacher_weights is None:
+        _one_teacher_each(op, given)
+        teacher(target, opts, *given.values(), online=online)
+        return (1.0,), [Teacher(*given.values())]
+    if online:
+        raise ValueError(
+            f"{op}: teacher_weights combines stored teachers (teacher_logits, or teacher_indices + teacher_values), "
+            "not an online teacher; got teacher_hidden/teacher_weight with teacher_weights"
+        )
+    weights = _teacher_weights(op, teacher_weights)
+    columns = [_one_per_teacher(op, name, value, len(weights)) for name, value in given.items()]
+    teachers = [Teacher(*tensors) for tensors in zip(*columns)]
+    for j, tensors in enumerate(teachers):
+        teacher(target._replace(op=f"{op}: teacher {j}"), opts, *tensors)
+    return weights, teachers
+
+
+def _one_teacher_each(op: str, given: dict) -> None:
+    for name, value in given.items():
+        if isinstance(value, Sequence):
+            raise ValueError(
+                f"{op}: {name} is a {_type_name(value)}, as for several teachers, but teacher_weights is None; "
+                "pass teacher_weights (one weight per teacher) or one tensor"
+            )
+
+
+def _teacher_weights(op: str, teacher_weights) -> tuple[float, ...]:
+    """Finite weights >= 0 with a positive sum, used as given (never renormalised)."""
+    if not isinstance(teacher_weights, Sequence) or isinstance(teacher_weights, str) or not teacher_weights:
+        raise ValueError(
+            f"{op}: teacher_weights must be a non-empty list or tuple of numbers (one per teacher), "
+            f"got {teacher_weights!r}"
+        )
+    weights = tuple(_finite(op, f"teacher_weights[{j}]", w) for j, w in enumerate(teacher_weights))
+    for j, w in enumerate(weights):
+        if w < 0:
+            raise ValueError(f"{op}: teacher_weights[{j}] must be >= 0, got {w}")
+    if sum(weights) <= 0:
+        raise ValueError(f"{op}: teacher_weights must have a positive sum, got {weights}")
+    return weights
+
+
+def _one_per_teacher(op: str, name: str, value, count: int) -> tuple:
+    """One entry per teacher: ``value`` itself (a sequence of ``count``), or None for each."""
+    if value is None:
+        return (None,) * count
+    if not isinstance(value, Sequence):
+        raise ValueError(
+            f"{op}: with teacher_weights, {name} must be a list or tuple with one tensor per teacher, "
+            f"got {_type_name(value)}"
+        )
+    if len(value) != count:
+        raise ValueError(f"{op}: {name} holds {len(value)} tensors but teacher_weights holds {count} weights")
+    return tuple(value)
+
+
+# ----------------------------------------------------------------------------------------------
 # Values: one combined reduction (one host sync on CUDA), then a precise message.
 # ----------------------------------------------------------------------------------------------
 
@@ -361,16 +453,21 @@ def value_checks_enabled() -> bool:
 
 
 def values(target: Logits, labels, teacher_indices, num_items, ignore_index: int) -> None:
-    """Labels in [0, V) or ignore_index, indices in [-1, V) and unique per row, num_items > 0 and finite."""
+    """Labels in [0, V) or ignore_index, indices in [-1, V) and unique per row, num_items > 0 and finite.
+
+    ``teacher_indices``: one [..., k] tensor, None, or one tensor (or None) per teacher (called
+    ``teacher_indices[j]`` in messages); every check is one combined reduction.
+    """
     vocab, op = target.vocab, target.op
     checks = {}
     if labels is not None and labels.numel():
         checks["labels"] = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
-    if teacher_indices is not None and teacher_indices.numel():
-        checks["teacher_indices"] = (teacher_indices < -1) | (teacher_indices >= vocab)
-        if teacher_indices.shape[-1] > 1:
-            ordered = teacher_indices.sort(dim=-1).values
-            checks["duplicates"] = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
+    indices = _named_indices(teacher_indices)
+    for name, tensor in indices.items():
+        checks[name] = (tensor < -1) | (tensor >= vocab)
+        if tensor.shape[-1] > 1:
+            ordered = tensor.sort(dim=-1).values
+            checks[f"{name} duplicates"] = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
     if isinstance(num_items, torch.Tensor):
         checks["num_items"] = ~(torch.isfinite(num_items) & (num_items > 0))
     if not checks or not bool(torch.stack([bad.any().to(target.device) for bad in checks.values()]).any()):
@@ -380,16 +477,36 @@ def values(target: Logits, labels, teacher_indices, num_items, ignore_index: int
             f"{op}: labels must be in [0, {vocab}) or ignore_index={ignore_index}; got values "
             f"{labels[checks['labels']][:5].tolist()} (labels shape {tuple(labels.shape)}, V={vocab})"
         )
-    if "teacher_indices" in checks and bool(checks["teacher_indices"].any()):
-        raise ValueError(
-            f"{op}: teacher_indices must be in [0, {vocab}) or -1 for an empty slot; got values "
-            f"{teacher_indices[checks['teacher_indices']][:5].tolist()} "
-            f"(teacher_indices shape {tuple(teacher_indices.shape)}, V={vocab})"
-        )
-    if "duplicates" in checks and bool(checks["duplicates"].any()):
-        row = checks["duplicates"].reshape(-1, teacher_indices.shape[-1] - 1).any(-1).nonzero()[0].item()
-        raise ValueError(
-            f"{op}: teacher_indices must be unique within a row (-1 excepted); row {row} (flattened) holds "
-            f"{teacher_indices.reshape(-1, teacher_indices.shape[-1])[row].tolist()}"
-        )
+    for name, tensor in indices.items():
+        _raise_for_bad_indices(op, vocab, name, tensor, checks[name], checks.get(f"{name} duplicates"))
     raise ValueError(f"{op}: num_items must be finite and > 0, got {num_items.item()}")
+
+
+def _named_indices(teacher_indices) -> dict[str, torch.Tensor]:
+    """The non-empty index tensors by their name in messages."""
+    if isinstance(teacher_indices, torch.Tensor):
+        named = {"teacher_indices": teacher_indices}
+    else:
+        named = {f"teacher_indices[{j}]": tensor for j, tensor in enumerate(teacher_indices or ())}
+    return {name: tensor for name, tensor in named.items() if tensor is not None and tensor.numel()}
+
+
+def _raise_for_bad_indices(
+    op: str,
+    vocab: int,
+    name: str,
+    indices: torch.Tensor,  # [..., k]
+    out_of_range: torch.Tensor,  # [..., k] bool
+    duplicates: torch.Tensor | None,  # [..., k - 1] bool; None when k == 1
+) -> None:
+    if bool(out_of_range.any()):
+        raise ValueError(
+            f"{op}: {name} must be in [0, {vocab}) or -1 for an empty slot; got values "
+            f"{indices[out_of_range][:5].tolist()} ({name} shape {tuple(indices.shape)}, V={vocab})"
+        )
+    if duplicates is not None and bool(duplicates.any()):
+        row = duplicates.reshape(-1, indices.shape[-1] - 1).any(-1).nonzero()[0].item()
+        raise ValueError(
+            f"{op}: {name} must be unique within a row (-1 excepted); row {row} (flattened) holds "
+            f"{indices.reshape(-1, indices.shape[-1])[row].tolist()}"
+        )

@@ -2,7 +2,8 @@
 
 ``kd_loss`` and ``fused_linear_kd_loss`` validate through ``kdfast._checks`` (which builds the one
 ``LossOptions``), flatten, choose a backend and call its ``kd_loss`` as ``kdfast._contract`` defines
-it; the fused op gives ``kdfast.fused_linear`` a chunk-loss callable built on that same entry point.
+it; the fused op gives ``kdfast.fused_linear`` chunk-loss callables built on that same entry point
+(one per teacher: each teacher's weighted share of the loss).
 Automatic dispatch: CUDA tensors go to Triton, CPU tensors in fp32/bf16/fp16 to the C++ backend,
 anything else (float64, a missing extension) to the plain-PyTorch reference (``kdfast.ops.torch``).
 An explicitly requested backend (argument or ``KDFAST_BACKEND``) that cannot run raises;
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
@@ -270,13 +272,14 @@ def fused_linear_kd_loss(
     labels: torch.Tensor | None = None,  # [...]
     *,
     bias: torch.Tensor | None = None,  # [V]
-    teacher_logits: torch.Tensor | None = None,  # [..., V]
-    teacher_indices: torch.Tensor | None = None,  # [..., k]
-    teacher_values: torch.Tensor | None = None,  # [..., k]
-    teacher_tail: torch.Tensor | None = None,  # [...]
+    teacher_logits: torch.Tensor | Sequence[torch.Tensor] | None = None,  # [..., V], or one per teacher
+    teacher_indices: torch.Tensor | Sequence[torch.Tensor] | None = None,  # [..., k], or one per teacher
+    teacher_values: torch.Tensor | Sequence[torch.Tensor] | None = None,  # [..., k], or one per teacher
+    teacher_tail: torch.Tensor | Sequence[torch.Tensor | None] | None = None,  # [...], or one per teacher
     teacher_hidden: torch.Tensor | None = None,  # [..., Ht]
     teacher_weight: torch.Tensor | None = None,  # [V, Ht]
     teacher_bias: torch.Tensor | None = None,  # [V]
+    teacher_weights: Sequence[float] | None = None,
     teacher_kind: str = "logits",
     tail: bool = False,
     temperature: float = 1.0,
@@ -304,6 +307,11 @@ def fused_linear_kd_loss(
     Calling backward twice through one loss (``retain_graph=True``) raises, and so does modifying a
     teacher tensor in place between forward and backward with ``reduction="none"``.
 
+    Several teachers: with ``teacher_weights=(w_1, ..., w_n)`` the loss is
+    ``hard_weight * CE + soft_weight * s * sum_j w_j * D(p_j, q)`` (s = T^2 or 1, see ``scale_t2``),
+    with the student's chunk logits computed once per chunk for all teachers (docs/loss.md, "Several
+    teachers").
+
     Args:
         hidden: student hidden states (the LM head's input); leading dimensions are rows.
         weight, bias: the LM head, ``[V, H]`` and ``[V]``, same dtype and device as ``hidden``.
@@ -311,7 +319,16 @@ def fused_linear_kd_loss(
             ``teacher_values`` ``[..., k]`` (+ ``teacher_tail`` ``[...]``); or an online teacher
             ``teacher_hidden`` ``[..., Ht]`` + ``teacher_weight`` ``[V, Ht]`` (+ ``teacher_bias``),
             whose logits are computed chunk by chunk under no_grad and never receive gradients.
-        chunk_size: rows per chunk; None keeps each chunk's logits within 256 MiB.
+        teacher_weights: None (one teacher), or one weight per teacher: finite, >= 0, with a positive
+            sum, used as given (not renormalised: weights summing to 2 double the soft term). Then each
+            given argument among ``teacher_logits``, ``teacher_indices``, ``teacher_values`` and
+            ``teacher_tail`` is a list or tuple with one tensor per weight (None where a teacher lacks
+            it, e.g. its captured tail; teacher j is checked as a single teacher would be, and may be
+            dense while another is sparse). The teachers share every option (``teacher_kind``,
+            ``tail``, ``temperature``, ``divergence``, ...); each may have its own k and dtype. Online
+            teachers take no weights. ``return_components``' ``kd`` is then ``sum_j w_j D_j``.
+        chunk_size: rows per chunk; None keeps each chunk's logits buffers (one, two with two
+            teachers, three with more) within 256 MiB together.
         labels, teacher_kind, tail, temperature, allow_tail_temperature, hard_weight, soft_weight,
         divergence, beta, alpha, ignore_index, reduction, num_items, scale_t2, backend, return_components:
             as in ``kd_loss``.
@@ -349,7 +366,9 @@ def fused_linear_kd_loss(
         inplace=True,
         compute_grad=True,
     )
-    _checks.teacher(target, opts, teacher_logits, teacher_indices, teacher_values, teacher_tail, online=online)
+    weights, teachers = _checks.weighted_teachers(
+        target, opts, teacher_weights, teacher_logits, teacher_indices, teacher_values, teacher_tail, online
+    )
     _checks.labels(target, opts, labels)
     num_items = _checks.num_items(op, opts, num_items)
     if _checks.value_checks_enabled():
@@ -361,24 +380,44 @@ def fused_linear_kd_loss(
     rows = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = _flat_labels(labels)
     if online:
-        teacher = fused_linear.ChunkTeacher(
-            hidden=teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), weight=teacher_weight, bias=teacher_bias
-        )
+        chunk_teachers = (_online_chunk_teacher(teacher_hidden, teacher_weight, teacher_bias),)
     else:
-        logits, indices, values, tail_mass = _flat_teacher(
-            target.vocab, hidden.dtype, teacher_logits, teacher_indices, teacher_values, teacher_tail
-        )
-        teacher = fused_linear.ChunkTeacher(logits=logits, indices=indices, values=values, tail=tail_mass)
+        chunk_teachers = tuple(_chunk_teacher(target.vocab, hidden.dtype, teacher) for teacher in teachers)
     divisor = _mean_divisor(flat_labels, rows, num_items, opts)
-    chunk_loss = functools.partial(_chunk_loss, impl, divisor, opts)
+    chunk_losses = tuple(
+        functools.partial(_chunk_loss, impl, divisor, _teacher_options(opts, j, w), w) for j, w in enumerate(weights)
+    )
     loss, ce_rows, div_rows = fused_linear.fused_linear_kd(
-        rows, weight, bias, flat_labels, teacher, chunk_size, opts.reduction, chunk_loss, fp32_gemm
+        rows, weight, bias, flat_labels, chunk_teachers, chunk_size, opts.reduction, chunk_losses, fp32_gemm
     )
     if opts.reduction == "none":
         loss = loss.reshape(target.lead)
     if not return_components:
         return loss
     return loss, reference.components(ce_rows, div_rows, _active_rows(flat_labels, rows, opts.ignore_index))
+
+
+def _online_chunk_teacher(
+    teacher_hidden: torch.Tensor,  # [..., Ht]
+    teacher_weight: torch.Tensor,  # [V, Ht]
+    teacher_bias: torch.Tensor | None,  # [V]
+) -> fused_linear.ChunkTeacher:
+    """The online teacher's head, its hidden states flattened to rows."""
+    hidden_rows = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    return fused_linear.ChunkTeacher(hidden=hidden_rows, weight=teacher_weight, bias=teacher_bias)
+
+
+def _chunk_teacher(vocab: int, logits_dtype: torch.dtype, teacher: _checks.Teacher) -> fused_linear.ChunkTeacher:
+    """One stored teacher flattened to rows."""
+    logits, indices, values, tail_mass = _flat_teacher(vocab, logits_dtype, *teacher)
+    return fused_linear.ChunkTeacher(logits=logits, indices=indices, values=values, tail=tail_mass)
+
+
+def _teacher_options(opts: LossOptions, index: int, weight: float) -> LossOptions:
+    """The options of teacher ``index``'s share of the loss: the hard CE once (with teacher 0), the
+    soft term weighted by the teacher's ``weight``."""
+    hard_weight = opts.hard_weight if index == 0 else 0.0
+    return replace(opts, hard_weight=hard_weight, soft_weight=opts.soft_weight * weight)
 
 
 class FusedLinearKDLoss(torch.nn.Module):
@@ -404,7 +443,8 @@ class FusedLinearKDLoss(torch.nn.Module):
 def _chunk_loss(
     impl,  # a backend module: kdfast.ops.<name>.kd_loss
     divisor: torch.Tensor | None,  # 0-dim, the whole batch's "mean" denominator
-    opts: LossOptions,  # inplace=True
+    opts: LossOptions,  # inplace=True; this teacher's share (_teacher_options)
+    teacher_weight: float,  # w_j: the divergence rows are returned as w_j * D_j
     logits: torch.Tensor,  # [c, V] the chunk buffer
     labels: torch.Tensor | None,  # [c]
     teacher_logits: torch.Tensor | None,  # [c, V]
@@ -413,7 +453,7 @@ def _chunk_loss(
     teacher_tail: torch.Tensor | None,  # [c]
     compute_grad: bool,
 ):
-    """One chunk: (loss, ce_rows, div_rows, d loss / d logits or None) for grad_output = 1.
+    """One chunk, one teacher: (loss, ce_rows, w_j * div_rows, d loss / d logits or None) for grad_output = 1.
 
     Every backend, called under no_grad with ``opts.inplace``, overwrites ``logits`` with the gradient
     (the in-place contract); the "mean" divisor is the whole batch's, never the chunk's.
@@ -429,4 +469,4 @@ def _chunk_loss(
             divisor,
             replace(opts, compute_grad=compute_grad),
         )
-    return loss, ce_rows, div_rows, logits if compute_grad else None
+    return loss, ce_rows, div_rows * teacher_weight, logits if compute_grad else None

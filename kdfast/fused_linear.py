@@ -12,9 +12,21 @@ Every term is linear in G and row r of G depends only on row r, so rows can be p
 [s, e): ``z = h W^T + b`` into one reused [chunk, V] buffer, the backend's fused loss overwrites the
 buffer with ``G`` in the same pass that computes the loss (``opts.inplace``), then ``G @ W`` goes to
 grad_hidden[s:e], ``G^T h`` and ``sum_r G_r`` are accumulated into grad_weight and grad_bias. At most
-one chunk of student logits (plus one chunk of teacher logits for an online teacher) is ever alive.
-"mean" divides by one divisor computed once over all N rows (n_active, or num_items) and given to every
-chunk, so chunk losses and gradients add up to the unchunked ones.
+one chunk of student logits (plus one chunk of teacher logits for an online teacher, or the copies of
+several teachers below) is ever alive. "mean" divides by one divisor computed once over all N rows
+(n_active, or num_items) and given to every chunk, so chunk losses and gradients add up to the
+unchunked ones.
+
+Several teachers. ``l_r = hard_weight CE_r + soft_weight s sum_j w_j D_j,r`` is a sum of per-teacher
+shares ``l_r^(j)`` (the first one carrying the CE, share j built by ``kdfast.api`` with
+``soft_weight * w_j``), so ``G = sum_j G^(j)``: each chunk's logits are computed once (one ``h W^T``),
+the backend runs once per teacher, and the gradients are added before the two gradient GEMMs. The
+backends overwrite their logits with the gradient, so a pristine copy of the chunk logits is kept for
+the teachers after the first; with three or more teachers each one but the last works on a scratch
+copy of it (``logits_buffers``: 1, 2 or 3 [chunk, V] buffers). Losses and div_rows (already weighted by
+``w_j``) add up across the teachers; ce_rows come from the first. With a 16-bit head and 16-bit logits
+(CPU) each teacher's gradient is rounded to 16 bits by the backend and their sum once more; with
+float32 logits the sum is float32 and rounded once.
 
 Backward. For "mean" and "sum", grad_output is a scalar: the gradients were computed in the forward
 pass for grad_output = 1 (as Liger's fused linear cross-entropy does) and backward only scales them.
@@ -37,11 +49,12 @@ fp32 copies. grad_weight and grad_bias are accumulated across chunks in fp32 whe
 bf16/fp16 and cast once at the end: adding per-chunk partials in bf16 would round once per chunk. With
 ``fp32_gemm`` the fp32 accumulation happens inside the GEMM; otherwise the chunk's operands are upcast.
 
-Chunk size. ``chunk_size=None`` picks the fewest chunks whose logits buffer stays within
-``CHUNK_BYTES`` (256 MiB: 523 rows at V=128256 in fp32, 1046 in bf16), then balances the rows across
-them (float32 logits of a 16-bit head add a half-size 16-bit copy of the chunk gradient). The backend
-adds little to that: the C++ and Triton kernels work in place, while the "torch" backend, which
-computes the chunk gradient with autograd, holds a few fp32 chunk-sized temporaries.
+Chunk size. ``chunk_size=None`` picks the fewest chunks whose logits buffers stay within
+``CHUNK_BYTES`` together (256 MiB: 523 rows at V=128256 in fp32, 1046 in bf16; half that with two
+teachers, a third with more), then balances the rows across them (float32 logits of a 16-bit head add
+a half-size 16-bit copy of the chunk gradient). The backend adds little to that: the C++ and Triton
+kernels work in place, while the "torch" backend, which computes the chunk gradient with autograd,
+holds a few fp32 chunk-sized temporaries.
 """
 
 from __future__ import annotations
@@ -55,9 +68,10 @@ from torch.autograd.function import once_differentiable
 CHUNK_BYTES = 256 * 2**20
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
+# One teacher's share of one chunk's loss:
 # (logits [c, V], labels [c] | None, teacher_logits [c, V] | None, teacher_indices [c, k] | None,
 #  teacher_values [c, k] | None, teacher_tail [c] | None, compute_grad)
-#  -> (loss, ce_rows [c], div_rows [c], grad [c, V] | None);
+#  -> (loss, ce_rows [c], div_rows [c] (weighted by the teacher's weight), grad [c, V] | None);
 # the gradient is for grad_output = 1 (per row for "none") and may be the logits buffer itself.
 ChunkLoss = Callable[..., tuple]
 
@@ -105,9 +119,17 @@ def logits_dtype(dtype: torch.dtype, fp32_gemm: bool) -> torch.dtype:
     return torch.float32 if fp32_gemm and dtype in _LOW_PRECISION else dtype
 
 
-def default_chunk_rows(rows: int, vocab: int, dtype: torch.dtype) -> int:
-    """Rows per chunk for ``chunk_size=None``: the fewest chunks within CHUNK_BYTES, rows balanced."""
-    max_rows = max(1, CHUNK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size()))
+def logits_buffers(teachers: int) -> int:
+    """[chunk, V] logits buffers of a pass: the chunk's logits (turned into the summed gradient), with
+    two or more teachers a pristine copy of them, with three or more a scratch copy per teacher."""
+    return min(teachers, 3)
+
+
+def default_chunk_rows(rows: int, vocab: int, dtype: torch.dtype, teachers: int = 1) -> int:
+    """Rows per chunk for ``chunk_size=None``: the fewest chunks whose logits buffers (``logits_buffers``)
+    fit in CHUNK_BYTES together, rows balanced."""
+    row_bytes = logits_buffers(teachers) * vocab * torch.empty((), dtype=dtype).element_size()
+    max_rows = max(1, CHUNK_BYTES // row_bytes)
     chunks = max(1, -(-rows // max_rows))
     return max(1, -(-rows // chunks))
 
@@ -147,7 +169,7 @@ def _accumulate_weight_grad(
 class _Grads:
     hidden: torch.Tensor | None  # [N, H]
     weight: torch.Tensor | None  # [V, H], fp32 while accumulating a 16-bit weight
-    bias: torch.Tensor | None  # [V] fp32
+    bias: torch.Tensor | None  # [V] fp32 (fp64 for a float64 head)
 
     def finish(self, weight: torch.Tensor, bias: torch.Tensor | None) -> _Grads:
         """Casts the accumulators back to the parameters' dtypes."""
@@ -161,22 +183,17 @@ def _chunked_pass(
     weight: torch.Tensor,  # [V, H]
     bias: torch.Tensor | None,  # [V]
     labels: torch.Tensor | None,  # [N]
-    teacher: ChunkTeacher,
+    teachers: tuple[ChunkTeacher, ...],  # one per plan.chunk_losses
     plan: _Plan,
     needs: tuple[bool, bool, bool],
     row_scale: torch.Tensor | None = None,  # [N] per-row grad_output of reduction="none"
 ):
     """One sweep over the row chunks: (chunk losses, ce_rows [N], div_rows [N], _Grads)."""
     n, vocab = hidden.shape[0], weight.shape[0]
-    chunk_rows, chunk_loss = plan.chunk_rows, plan.chunk_loss
+    chunk_rows = plan.chunk_rows
     need_hidden, need_weight, need_bias = needs
     compute_grad = any(needs)
-    size = min(chunk_rows, n)
-    logits_buffer = hidden.new_empty(size, vocab, dtype=logits_dtype(hidden.dtype, plan.fp32_gemm))
-    teacher_buffer = None
-    if teacher.hidden is not None:
-        teacher_dtype = logits_dtype(teacher.hidden.dtype, plan.fp32_gemm)
-        teacher_buffer = teacher.hidden.new_empty(size, vocab, dtype=teacher_dtype)
+    logits_buffer, spare_buffers, teacher_buffer = _chunk_buffers(hidden, vocab, teachers, plan)
     accumulate_fp32 = weight.dtype in _LOW_PRECISION and n > chunk_rows
     weight_grad_dtype = torch.float32 if accumulate_fp32 else weight.dtype
     grads = _Grads(
@@ -184,7 +201,7 @@ def _chunked_pass(
         weight=(torch.empty if n else torch.zeros)(weight.shape, dtype=weight_grad_dtype, device=weight.device)
         if need_weight
         else None,
-        bias=torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_bias else None,
+        bias=torch.zeros(vocab, dtype=_loss_dtype(hidden), device=weight.device) if need_bias else None,  # fp32/fp64
     )
     losses, ce_rows, div_rows = [], [], []
     for start in range(0, n, chunk_rows):
@@ -192,7 +209,9 @@ def _chunked_pass(
         h = hidden[start:end]
         logits = _linear_into(logits_buffer[: end - start], h, weight, bias)
         chunk_labels = None if labels is None else labels[start:end]
-        loss, ce, div, grad = chunk_loss(logits, chunk_labels, *teacher.rows(start, end, teacher_buffer), compute_grad)
+        loss, ce, div, grad = _teachers_chunk_loss(
+            logits, spare_buffers, teacher_buffer, chunk_labels, teachers, plan.chunk_losses, start, compute_grad
+        )
         losses.append(loss)
         ce_rows.append(ce)
         div_rows.append(div)
@@ -201,13 +220,65 @@ def _chunked_pass(
         if row_scale is not None:
             grad.mul_(row_scale[start:end, None])
         if need_bias:
-            grads.bias.add_(grad.sum(0, dtype=torch.float32))
+            grads.bias.add_(grad.sum(0, dtype=grads.bias.dtype))
         grad = grad.to(weight.dtype)  # float32 logits of a 16-bit head: one rounding for the GEMMs
         if need_hidden:
             torch.mm(grad, weight, out=grads.hidden[start:end])
         if need_weight:
             _accumulate_weight_grad(grads.weight, grad, h, start == 0, plan.fp32_gemm)
     return losses, _cat_rows(ce_rows, hidden), _cat_rows(div_rows, hidden), grads.finish(weight, bias)
+
+
+def _chunk_buffers(
+    hidden: torch.Tensor,  # [N, H]
+    vocab: int,
+    teachers: tuple[ChunkTeacher, ...],
+    plan: _Plan,
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+    """[chunk, V] buffers of one pass: the student logits, the spare copies several teachers need
+    (``logits_buffers``), and an online teacher's logits (else None)."""
+    size = min(plan.chunk_rows, hidden.shape[0])
+    dtype = logits_dtype(hidden.dtype, plan.fp32_gemm)
+    logits_buffer, *spare_buffers = (
+        hidden.new_empty(size, vocab, dtype=dtype) for _ in range(logits_buffers(len(teachers)))
+    )
+    online = teachers[0].hidden
+    teacher_buffer = None
+    if online is not None:
+        teacher_buffer = online.new_empty(size, vocab, dtype=logits_dtype(online.dtype, plan.fp32_gemm))
+    return logits_buffer, spare_buffers, teacher_buffer
+
+
+def _teachers_chunk_loss(
+    logits: torch.Tensor,  # [c, V] the chunk's logits; overwritten with the summed gradient
+    spare_buffers: list[torch.Tensor],  # [chunk_rows, V] each: none for one teacher, 1 for two, 2 for more
+    teacher_buffer: torch.Tensor | None,  # [chunk_rows, V] an online teacher's logits
+    labels: torch.Tensor | None,  # [c]
+    teachers: tuple[ChunkTeacher, ...],
+    chunk_losses: tuple[ChunkLoss, ...],  # one per teacher; only the first adds the hard CE
+    start: int,
+    compute_grad: bool,
+):
+    """Every teacher's share of one chunk, added: (loss, ce_rows [c], div_rows [c], grad [c, V] | None).
+
+    The backends overwrite the logits they get with the gradient, so every teacher after the first
+    works on a copy of the pristine logits (the last one on the pristine copy itself), and its gradient
+    is added into ``logits``. ce_rows are the first teacher's (the CE does not depend on the teacher).
+    """
+    end = start + logits.shape[0]
+    first_rows = teachers[0].rows(start, end, teacher_buffer)
+    if len(teachers) == 1:
+        return chunk_losses[0](logits, labels, *first_rows, compute_grad)
+    pristine = spare_buffers[0][: end - start].copy_(logits)
+    loss, ce, div, grad = chunk_losses[0](logits, labels, *first_rows, compute_grad)
+    last = len(teachers) - 1
+    for j in range(1, len(teachers)):
+        work = pristine if j == last else spare_buffers[1][: end - start].copy_(pristine)
+        loss_j, _, div_j, grad_j = chunk_losses[j](work, labels, *teachers[j].rows(start, end, None), compute_grad)
+        loss, div = loss + loss_j, div + div_j
+        if grad is not None:
+            grad.add_(grad_j)
+    return loss, ce, div, grad
 
 
 def _cat_rows(rows: list[torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:  # [N]
@@ -236,7 +307,7 @@ def _no_autocast(hidden: torch.Tensor):
 @dataclass(frozen=True)
 class _Plan:
     chunk_rows: int
-    chunk_loss: ChunkLoss
+    chunk_losses: tuple[ChunkLoss, ...]  # one per teacher
     reduction: str
     fp32_gemm: bool  # the device has float32-output GEMMs for 16-bit operands
 
@@ -245,19 +316,20 @@ class FusedLinearKDFunction(torch.autograd.Function):
     """(hidden, weight, bias) -> (loss, ce_rows, div_rows); gradients as in the module docstring."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, teacher: ChunkTeacher, plan: _Plan):
+    def forward(ctx, hidden, weight, bias, labels, teachers: tuple[ChunkTeacher, ...], plan: _Plan):
         needs = tuple(ctx.needs_input_grad[:3])
         recompute = plan.reduction == "none"
         with _no_autocast(hidden):
             losses, ce_rows, div_rows, grads = _chunked_pass(
-                hidden, weight, bias, labels, teacher, plan, (False,) * 3 if recompute else needs
+                hidden, weight, bias, labels, teachers, plan, (False,) * 3 if recompute else needs
             )
         ctx.mark_non_differentiable(ce_rows, div_rows)
         ctx.plan, ctx.needs = plan, needs
         if recompute:
             # Saved (not held by reference): a teacher modified in place before backward raises, as
             # autograd does for any saved tensor, instead of giving a silently different gradient.
-            ctx.save_for_backward(hidden, weight, bias, labels, *teacher.tensors())
+            teacher_tensors = (tensor for teacher in teachers for tensor in teacher.tensors())
+            ctx.save_for_backward(hidden, weight, bias, labels, *teacher_tensors)
         else:
             ctx.grads = grads
         return _total(losses, plan.reduction, hidden), ce_rows, div_rows
@@ -287,12 +359,17 @@ def _scale_stored_grads(ctx, grad_loss: torch.Tensor) -> _Grads:
 
 
 def _recompute_grads(ctx, grad_loss: torch.Tensor) -> _Grads:
-    hidden, weight, bias, labels, *teacher = ctx.saved_tensors
+    hidden, weight, bias, labels, *teacher_tensors = ctx.saved_tensors
+    teachers = _saved_teachers(teacher_tensors)
     with _no_autocast(hidden):
-        *_, grads = _chunked_pass(
-            hidden, weight, bias, labels, ChunkTeacher(*teacher), ctx.plan, ctx.needs, row_scale=grad_loss
-        )
+        *_, grads = _chunked_pass(hidden, weight, bias, labels, teachers, ctx.plan, ctx.needs, row_scale=grad_loss)
     return grads
+
+
+def _saved_teachers(tensors: list) -> tuple[ChunkTeacher, ...]:
+    """The teachers back from their saved ``ChunkTeacher.tensors()``, concatenated in order."""
+    width = len(fields(ChunkTeacher))
+    return tuple(ChunkTeacher(*tensors[start : start + width]) for start in range(0, len(tensors), width))
 
 
 def fused_linear_kd(
@@ -300,17 +377,18 @@ def fused_linear_kd(
     weight: torch.Tensor,  # [V, H]
     bias: torch.Tensor | None,  # [V]
     labels: torch.Tensor | None,  # [N] int64
-    teacher: ChunkTeacher,
+    teachers: tuple[ChunkTeacher, ...],  # one online teacher, or one or more stored ones
     chunk_size: int | None,
     reduction: str,
-    chunk_loss: ChunkLoss,
+    chunk_losses: tuple[ChunkLoss, ...],  # one per teacher: that teacher's share of the loss
     fp32_gemm: bool,
 ):
     """(loss, ce_rows [N], div_rows [N]) on validated, flattened inputs; called by ``kdfast.api`` only.
 
+    The loss and div_rows are the sums of the teachers' shares; ce_rows are the first teacher's.
     ``fp32_gemm``: the device's GEMMs can write float32 from 16-bit operands (``kdfast.api`` probes it).
     """
     dtype = logits_dtype(hidden.dtype, fp32_gemm)
-    chunk_rows = chunk_size or default_chunk_rows(hidden.shape[0], weight.shape[0], dtype)
-    plan = _Plan(chunk_rows=chunk_rows, chunk_loss=chunk_loss, reduction=reduction, fp32_gemm=fp32_gemm)
-    return FusedLinearKDFunction.apply(hidden, weight, bias, labels, teacher, plan)
+    chunk_rows = chunk_size or default_chunk_rows(hidden.shape[0], weight.shape[0], dtype, len(teachers))
+    plan = _Plan(chunk_rows=chunk_rows, chunk_losses=chunk_losses, reduction=reduction, fp32_gemm=fp32_gemm)
+    return FusedLinearKDFunction.apply(hidden, weight, bias, labels, teachers, plan)

@@ -65,8 +65,11 @@ def check_plain_head(model) -> None:
         raise ValueError(f"{type(model).__name__} adds final_logits_bias to its logits; unsupported by kdfast.hf")
 
 
-def hidden_and_head(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **model_kwargs):
-    """(last hidden state [B, L, H], head weight [V, H], head bias [V] or None) of a causal LM."""
+def hidden_and_head(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                    return_outputs: bool = False, **model_kwargs):
+    """(last hidden state [B, L, H], head weight [V, H], head bias [V] or None) of a causal LM;
+    ``return_outputs``: the base model's outputs (e.g. with ``output_hidden_states=True``) instead of
+    the last hidden state."""
     check_plain_head(model)
     base = getattr(model, "base_model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -78,6 +81,8 @@ def hidden_and_head(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"model.get_output_embeddings() must hold a [V, H] weight, got {type(head).__name__}")
     outputs = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
+    if return_outputs:
+        return outputs, weight, getattr(head, "bias", None)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
     return hidden, weight, getattr(head, "bias", None)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from kdfast.served import ServedTeacher, ServerError
 from kdfast.shards import ShardDataset
 from kdfast.shards.reader import ShardFile
 from tests.kill_support import sigkill_after_shards
-from tests.test_served import VLLM_VENV, FakeVLLM, _load_tiny_llama_builder, _wait_until_serving, free_port
+from tests.test_served import VLLM_VENV, FakeVLLM, _load_tiny_llama_builder, running_vllm
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("datasets")
@@ -378,21 +377,8 @@ def vllm_generator(tmp_path_factory):
     with torch.no_grad():
         model.lm_head.weight[EOS] *= 4
     model.save_pretrained(model_dir)
-    port, log_path = free_port(), root / "server.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen([str(REPO / "bench" / "vllm" / "start.sh"), str(model_dir), str(port)], stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        _wait_until_serving(url, server, log_path)
+    with running_vllm(model_dir, root / "server.log") as url:
         yield url, model_dir
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 def assert_served_targets_equal_forward(directory: Path, model, tokenizer, k: int) -> None:

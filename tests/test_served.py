@@ -7,6 +7,7 @@ random Llama that transformers also runs locally (skipped, with the reason, when
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -235,15 +236,22 @@ def vllm_server(tmp_path_factory):
         pytest.skip(f"no vLLM venv at {VLLM_VENV} (build it with bench/vllm/setup.sh or set KDFAST_VLLM_VENV)")
     root = tmp_path_factory.mktemp("vllm")
     model = _load_tiny_llama_builder().build(root / "tiny-llama")
+    with running_vllm(model, root / "server.log") as url:
+        yield url, model
+
+
+@contextlib.contextmanager
+def running_vllm(model_dir: Path, log_path: Path):
+    """A real vLLM server (bench/vllm/start.sh) for ``model_dir`` while the block runs; yields its /v1 URL.
+    Its output goes to ``log_path``; it is stopped (SIGTERM, then SIGKILL after 60 s) at the end."""
     port = free_port()
-    log_path = root / "server.log"
     with open(log_path, "w") as log:
-        server = subprocess.Popen([str(REPO / "bench" / "vllm" / "start.sh"), str(model), str(port)], stdout=log,
+        server = subprocess.Popen([str(REPO / "bench" / "vllm" / "start.sh"), str(model_dir), str(port)], stdout=log,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         _wait_until_serving(url, server, log_path)
-        yield url, model
+        yield url
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

@@ -37,12 +37,11 @@ def test_config_from_toml_and_command_line(shards, tmp_path):
     assert load_config(toml, {"lr": 1}).lr == 1.0 and isinstance(load_config(toml, {"lr": 1}).lr, float)
 
 
-def test_removed_keys_are_unknown(shards, tmp_path):
-    """divergence / beta accepted only forward_kl: they are gone (the loss is forward KL)."""
+def test_misspelt_keys_are_unknown_with_a_suggestion(shards, tmp_path):
     toml = write_toml(tmp_path / "run.toml", make_config(shards, tmp_path / "run"))
-    for key, value in (("divergence", "forward_kl"), ("beta", 0.5)):
-        with pytest.raises(ValueError, match=f"unknown key.*'{key}'"):
-            load_config(toml, {key: value})
+    with pytest.raises(ValueError, match="unknown key.*'divergance' \\(did you mean 'divergence'\\?\\)"):
+        load_config(toml, {"divergance": "jsd"})
+    assert load_config(toml, {"divergence": "forward_kl"}).divergence == "forward_kl"
 
 
 @pytest.mark.parametrize("code", ["import kdfast.train.config", "import kdfast.train",

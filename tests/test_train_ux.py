@@ -62,4 +62,4 @@ def test_the_start_summary_line(shards, tmp_path, capsys):
     data = ShardDataset(shards["train"])
     assert lines == [f"kdfast train: student LlamaForCausalLM with {parameters:,} parameters, device cpu, dtype "
                      f"float32, data {len(data)} sequences with {data.learned_tokens:,} learned tokens (1 directory), "
-                     "steps 0 -> 2 of 8 sequences"]
+                     "teacher shards, steps 0 -> 2 of 8 sequences"]

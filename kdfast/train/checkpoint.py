@@ -131,16 +131,20 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 def save_student(path: Path, model: nn.Module, student: nn.Module, tokenizer=None) -> Path:
     """The student into ``path`` (every rank calls this): ``save_pretrained`` for Hugging Face models,
-    else ``model.pt`` (state dict), plus ``tokenizer.save_pretrained`` when given; written to a
-    temporary directory and renamed, like checkpoints."""
+    else ``model.pt`` (state dict), plus ``tokenizer.save_pretrained`` when given, plus the trained
+    module's other parameters (the hidden-state projections, training only) in
+    ``hidden_projections.pt``; written to a temporary directory and renamed, like checkpoints."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     tmp = path.with_name(f".tmp-{path.name}")
 
     def write():
         if _rank() == 0:
-            student_state = {k.removeprefix("student."): v for k, v in full.items()}
+            student_state = {k.removeprefix("student."): v for k, v in full.items() if k.startswith("student.")}
+            training_only = {k: v for k, v in full.items() if not k.startswith("student.")}
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
+            if training_only:  # the hidden-state loss's projections (kdfast.train.teachers)
+                torch.save(training_only, tmp / "hidden_projections.pt")
             if is_hf_causal_lm(student):
                 student.save_pretrained(tmp, state_dict=student_state)
             else:

@@ -28,6 +28,11 @@ OPERATIONAL_KEYS = {"run_dir", "resume", "progress", "num_workers", "eval_every"
                     "eval_shards", "log_every", "save_every", "keep_checkpoints", "save_final", "device"}
 
 
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl")
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+HIDDEN_LOSSES = ("cosine", "mse")
+
+
 def _opt(default, description: str):
     return field(default=default, metadata={"help": description})
 
@@ -57,7 +62,26 @@ class TrainConfig:
     student: str = _opt("", "Hugging Face model directory (or hub id) for from_pretrained")
     student_config: dict | str = _opt("", "HF config (JSON file or dict with model_type) for a new student")
     student_module: str = _opt("", "'pkg.module:factory': factory() returns an nn.Module following the protocol")
-    # loss (kdfast.fused_linear_kd_loss options; forward KL; the teacher kind comes from the shard manifest)
+    # teachers besides the train_shards targets (docs/train.md "Teachers inside the trainer")
+    teacher: str = _opt("", "live teacher: a Hugging Face causal LM directory run beside the student (frozen); "
+                            "the train_shards targets are then ignored")
+    teacher_dtype: str = _opt("float32", "live teacher's parameter dtype: float32, bfloat16, float16")
+    teacher_shards: list[str] = _list_opt("several teachers' shard directories captured over the same sequences "
+                                          "(instead of train_shards); the loss weights them by teacher_weights")
+    teacher_weights: list[float] = _list_opt("teacher_shards: one weight (>= 0) per directory, used as given")
+    on_policy_fraction: float = _opt(0.0, "fraction of micro-batches in which the student writes continuations of "
+                                          "the prompts and the live teacher scores them (needs teacher)")
+    max_new_tokens: int = _opt(64, "on-policy: tokens the student writes per prompt")
+    generation_temperature: float = _opt(1.0, "on-policy: the student's sampling temperature (0 = greedy)")
+    hidden_loss: str = _opt("", "hidden-state distillation against the live teacher: cosine, mse ('' = off)")
+    hidden_loss_weight: float = _opt(1.0, "weight of the hidden-state loss")
+    hidden_layer_map: list[list[int]] = _list_opt("[[student_layer, teacher_layer], ...]: hidden-state pairs "
+                                                  "(0 = embeddings, l = output of layer l)")
+    # loss (kdfast.fused_linear_kd_loss options; the teacher kind comes from the shard manifest)
+    divergence: str = _opt("forward_kl", "forward_kl; with a live teacher also reverse_kl, jsd, skew_kl, "
+                                         "skew_reverse_kl")
+    beta: float = _opt(0.5, "jsd: the mixture weight (0 = forward KL, 1 = reverse KL)")
+    alpha: float = _opt(0.1, "skew_kl / skew_reverse_kl: the skew (0 = forward / reverse KL)")
     temperature: float = _opt(1.0, "distillation temperature T")
     hard_weight: float = _opt(0.0, "weight of the hard cross-entropy on the labels")
     soft_weight: float = _opt(1.0, "weight of the distillation divergence")
@@ -106,15 +130,75 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig: {name} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1):
             raise ValueError(f"TrainConfig: need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, {self.min_lr_ratio}")
-        if not self.train_shards or not all(self.train_dirs):
+        if self.teacher_shards and self.train_shards:
+            raise ValueError("TrainConfig: give train_shards or teacher_shards, not both (teacher_shards' first "
+                             "directory supplies the sequences)")
+        if not self.train_dirs or not all(self.train_dirs):
             raise ValueError(f"TrainConfig: train_shards needs one or more non-empty directories, got "
                              f"{self.train_shards!r}")
         self._check_train_weights()
+        self._check_teachers()
 
     @property
     def train_dirs(self) -> list[str]:
-        """The training shard directories: ``train_shards`` as a list."""
+        """The directories the sequences come from: ``train_shards`` as a list (``teacher_shards``: its first)."""
+        if self.teacher_shards:
+            return list(self.teacher_shards[:1])
         return [self.train_shards] if isinstance(self.train_shards, str) else list(self.train_shards)
+
+    def _check_teachers(self) -> None:
+        """The teacher keys agree with each other (see docs/train.md); ValueError naming the key."""
+        if self.teacher_shards:
+            if len(self.teacher_weights) != len(self.teacher_shards):
+                raise ValueError(f"TrainConfig: teacher_weights has {_count(len(self.teacher_weights), 'entry', 'entries')}"
+                                 f" for {_count(len(self.teacher_shards), 'teacher_shards directory', 'teacher_shards directories')}; "
+                                 "give one weight per directory")
+            if not (all(math.isfinite(w) and w >= 0 for w in self.teacher_weights) and sum(self.teacher_weights) > 0):
+                raise ValueError(f"TrainConfig: teacher_weights must be finite numbers >= 0 with a positive sum, "
+                                 f"got {self.teacher_weights}")
+            if self.teacher:
+                raise ValueError("TrainConfig: teacher (a live teacher) and teacher_shards cannot be combined")
+        elif self.teacher_weights:
+            raise ValueError("TrainConfig: teacher_weights needs teacher_shards (one weight per directory)")
+        if self.teacher and self.tail:
+            raise ValueError("TrainConfig: tail = true is for shard targets; a live teacher's distribution is dense "
+                             "(set tail = false)")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"TrainConfig: teacher_dtype must be one of {', '.join(TEACHER_DTYPES)}, "
+                             f"got {self.teacher_dtype!r}")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"TrainConfig: divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
+        if self.divergence != "forward_kl" and not self.teacher:
+            raise ValueError(f"TrainConfig: divergence = {self.divergence!r} needs a dense teacher: set teacher (a "
+                             "live teacher); shard targets are sparse and take forward_kl only")
+        if not 0 <= self.on_policy_fraction <= 1:
+            raise ValueError(f"TrainConfig: on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")
+        if self.on_policy_fraction and not self.teacher:
+            raise ValueError("TrainConfig: on_policy_fraction > 0 needs a live teacher (teacher = DIR) to score "
+                             "the student's tokens")
+        if self.on_policy_fraction and (self.packing or self.fsdp):
+            raise ValueError("TrainConfig: on_policy_fraction > 0 needs packing = false and fsdp = false (under FSDP "
+                             "the ranks' generation lengths, hence their collectives, could differ)")
+        if self.max_new_tokens < 1 or self.generation_temperature < 0:
+            raise ValueError(f"TrainConfig: need max_new_tokens >= 1 and generation_temperature >= 0, got "
+                             f"{self.max_new_tokens}, {self.generation_temperature}")
+        self._check_hidden_loss()
+
+    def _check_hidden_loss(self) -> None:
+        if self.hidden_loss not in ("", *HIDDEN_LOSSES):
+            raise ValueError(f"TrainConfig: hidden_loss must be '' or one of {', '.join(HIDDEN_LOSSES)}, "
+                             f"got {self.hidden_loss!r}")
+        if not self.hidden_loss:
+            if self.hidden_layer_map:
+                raise ValueError("TrainConfig: hidden_layer_map is set but hidden_loss is '' (off)")
+            return
+        if not self.teacher:
+            raise ValueError("TrainConfig: hidden_loss needs a live teacher (teacher = DIR): shards hold no "
+                             "hidden states")
+        pairs = self.hidden_layer_map
+        if not pairs or not all(len(pair) == 2 and min(pair) >= 0 for pair in pairs):
+            raise ValueError(f"TrainConfig: hidden_layer_map must be a non-empty list of [student_layer, "
+                             f"teacher_layer] pairs of layer numbers >= 0, got {pairs}")
 
     def _check_train_weights(self) -> None:
         weights = self.train_weights
@@ -174,7 +258,8 @@ def _as_type(value, kind):
 
 def _type_name(kind) -> str:
     if typing.get_origin(kind) is list:
-        return f"a list of {typing.get_args(kind)[0].__name__}"
+        item = typing.get_args(kind)[0]
+        return f"a list of {_type_name(item) if typing.get_origin(item) is list else item.__name__}"
     return kind.__name__
 
 
@@ -213,7 +298,7 @@ def _parse_list_or_text(text: str) -> list | str:
 
 
 def _parse_list(text: str) -> list:
-    """``train_weights``: a JSON array of numbers."""
+    """``train_weights``, ``teacher_shards``, ``hidden_layer_map``: a JSON array."""
     values = json.loads(text)
     if type(values) is not list:
         raise ValueError(f"not a JSON array: {text!r}")  # argparse reports it as a usage error
@@ -225,7 +310,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML file of TrainConfig keys; command-line options override it")
     hints = typing.get_type_hints(TrainConfig)
     parsers = {bool: _parse_bool, int: int, float: float, str: str, dict | str: _parse_table_or_text,
-               str | list[str]: _parse_list_or_text, list[float]: _parse_list}
+               str | list[str]: _parse_list_or_text, list[float]: _parse_list, list[str]: _parse_list,
+               list[list[int]]: _parse_list}
     for f in fields(TrainConfig):
         names = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])
         flag = dict(nargs="?", const=True, metavar="BOOL") if hints[f.name] is bool else {}  # bare --resume

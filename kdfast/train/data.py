@@ -33,6 +33,10 @@ invariant rests on each sample holding exactly one row per label, which ``compac
 per sample (a count, ValueError otherwise). Full-length samples (one teacher row per position, as
 ``ShardDataset`` gives them by default) are padded like the positions instead: [B, L, k], [B, L].
 
+Several teachers (``teacher_shards``). ``TeacherStack`` reads sequence i of every directory into
+one sample (teacher j's rows under ``teacher_key(name, j)``); the batches concatenate every
+teacher's rows the same way.
+
 Damaged data. ``ShardDataset`` verifies what it reads and raises ``ShardError`` naming the file, the
 section and the sequence. ``CatchDamaged`` catches it where the read happens (a DataLoader worker,
 too) and returns an empty sample (a single padded row: no tokens, no loss) that carries the error;
@@ -60,6 +64,11 @@ POSITION_PAD = {"input_ids": 0, "labels": IGNORE_INDEX}
 # Right-padding of full-length teacher rows: slots empty, tail: no mass (compact rows are not padded).
 TEACHER_PAD = {"teacher_indices": -1, "teacher_values": 0.0, "teacher_tail": -math.inf}
 PAD = {**POSITION_PAD, **TEACHER_PAD}
+
+
+def teacher_key(name: str, teacher: int) -> str:
+    """The batch key of teacher ``teacher``'s ``name`` rows in a TeacherStack sample (teacher 0: ``name``)."""
+    return name if teacher == 0 else f"{name}_{teacher}"
 
 
 def collate(samples: list[dict]) -> dict:
@@ -91,8 +100,9 @@ def batch_rows(rows: list[list[dict]], compact: bool) -> dict:
     joined = [{name: _join([sample[name] for sample in row]) for name in names} for row in rows]
     batch = {name: nn.utils.rnn.pad_sequence([r[name] for r in joined], batch_first=True, padding_value=pad)
              for name, pad in names.items()}
-    if compact:
-        batch.update({name: torch.cat([sample[name] for sample in samples]) for name in TEACHER_PAD})
+    if compact:  # every teacher's rows: TEACHER_PAD's names, and teacher j's (TeacherStack) under name_j
+        teacher_names = [name for name in samples[0] if name.startswith(tuple(TEACHER_PAD))]
+        batch.update({name: torch.cat([sample[name] for sample in samples]) for name in teacher_names})
     return batch
 
 
@@ -154,12 +164,15 @@ class CatchDamaged(torch.utils.data.Dataset):
             return {**self.empty_sample(), "damaged": e}
 
     def empty_sample(self) -> dict[str, torch.Tensor]:
-        """One padded position without a label: no teacher row (compact datasets) or one with empty slots."""
-        k, rows = self.dataset.k, 0 if self.dataset.compact else 1
-        return {"input_ids": torch.zeros(1, dtype=torch.long), "labels": torch.full((1,), IGNORE_INDEX),
-                "teacher_indices": torch.full((rows, k), -1, dtype=self.dataset.index_dtype),
-                "teacher_values": torch.zeros(rows, k, dtype=self.dataset.values_dtype),
-                "teacher_tail": torch.full((rows,), -math.inf)}
+        """One padded position without a label: no teacher row (compact datasets) or one with empty slots
+        (for each teacher of a TeacherStack)."""
+        rows = 0 if self.dataset.compact else 1
+        sample = {"input_ids": torch.zeros(1, dtype=torch.long), "labels": torch.full((1,), IGNORE_INDEX)}
+        for j, k in enumerate(getattr(self.dataset, "ks", [self.dataset.k])):
+            sample.update({teacher_key("teacher_indices", j): torch.full((rows, k), -1, dtype=self.dataset.index_dtype),
+                           teacher_key("teacher_values", j): torch.zeros(rows, k, dtype=self.dataset.values_dtype),
+                           teacher_key("teacher_tail", j): torch.full((rows,), -math.inf)})
+        return sample
 
 
 def apply_damage_policy(errors: list[ShardError], skip: bool) -> int:
@@ -187,6 +200,75 @@ class MicroBatchSampler(torch.utils.data.Sampler):
                     batch = []
 
 
+class _SeveralDirectories(torch.utils.data.Dataset):
+    """A dataset over ``self.parts`` (ShardDatasets agreeing on their targets): the first one's target fields."""
+
+    parts: list[ShardDataset]
+    kind = property(lambda self: self.parts[0].kind)
+    k = property(lambda self: self.parts[0].k)
+    vocab_size = property(lambda self: self.parts[0].vocab_size)
+    capture_temperature = property(lambda self: self.parts[0].capture_temperature)
+    index_dtype = property(lambda self: self.parts[0].index_dtype)
+    values_dtype = property(lambda self: self.parts[0].values_dtype)
+    compact = property(lambda self: self.parts[0].compact)
+
+
+class TeacherStack(_SeveralDirectories):
+    """Sequence i of every ``teacher_shards`` directory as one compact sample: the first directory's
+    tokens, labels and teacher rows, and teacher j's rows under ``teacher_key(name, j)``.
+
+    The first directory also gives the order (its sampler). The directories must hold the same
+    sequences: the same kind of targets, vocabulary, capture temperature, sequence and learned-token
+    counts, and equal, recorded manifest ``source`` entries (the capture input's fingerprint);
+    each read checks that the tokens and the learned positions agree (ValueError otherwise)."""
+
+    def __init__(self, parts: list[ShardDataset], paths: list[str]):
+        _check_same_sequences(parts, paths)
+        self.parts, self.paths = parts, paths
+        self.sampler = parts[0].sampler
+
+    learned_tokens = property(lambda self: self.parts[0].learned_tokens)
+    total_tokens = property(lambda self: self.parts[0].total_tokens)
+    ks = property(lambda self: [part.k for part in self.parts])
+
+    def __len__(self) -> int:
+        return len(self.parts[0])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.parts[0][index]
+        for j, part in enumerate(self.parts[1:], start=1):
+            other = part[index]
+            if not (torch.equal(other["input_ids"], sample["input_ids"]) and torch.equal(other["labels"],
+                                                                                        sample["labels"])):
+                raise ValueError(f"teacher_shards: sequence {index} of {self.paths[j]} differs from that of "
+                                 f"{self.paths[0]} (tokens or learned positions); the directories must be captures "
+                                 "of the same sequences")
+            sample.update({teacher_key(name, j): other[name] for name in TEACHER_PAD})
+        return sample
+
+
+def _check_same_sequences(parts: list[ShardDataset], paths: list[str]) -> None:
+    first = parts[0]
+    for part, path in zip(parts[1:], paths[1:]):
+        for what, mine, theirs in (("kind", part.kind, first.kind), ("vocab_size", part.vocab_size, first.vocab_size),
+                                   ("capture_temperature", part.capture_temperature, first.capture_temperature),
+                                   ("sequences", len(part), len(first)),
+                                   ("learned tokens", part.learned_tokens, first.learned_tokens)):
+            if mine != theirs:
+                raise ValueError(f"teacher_shards: {path} has {what} {mine!r} but {paths[0]} has {theirs!r}; the "
+                                 "directories must be captures of the same sequences with the same kind of targets")
+        sources = [p.manifest.get("source") for p in (first, part)]
+        if None in sources or sources[0] != sources[1]:
+            raise ValueError(f"teacher_shards: the manifests of {paths[0]} and {path} do not record the same source "
+                             f"({sources[0]!r} vs {sources[1]!r}); capture every teacher from the same input")
+
+
+def open_teacher_stack(config: TrainConfig, rank: int, world_size: int, vocab_size: int) -> TeacherStack:
+    parts = [ShardDataset(path, seed=config.seed, shuffle=i == 0, rank=rank, world_size=world_size,
+                          vocab_size=vocab_size, compact=True) for i, path in enumerate(config.teacher_shards)]
+    return TeacherStack(parts, list(config.teacher_shards))
+
+
 # Manifest fields that mixed directories must share: what the loss and the batches depend on.
 SHARED_TARGET_FIELDS = ("kind", "vocab_size", "k", "capture_temperature")
 
@@ -194,7 +276,10 @@ SHARED_TARGET_FIELDS = ("kind", "vocab_size", "k", "capture_temperature")
 def open_train_data(config: TrainConfig, rank: int, world_size: int, vocab_size: int, *,
                     compact: bool = False) -> ShardDataset | ShardMixture:
     """``train_shards``: one directory as a ShardDataset, several as a ShardMixture; ``compact``: their
-    samples hold the teacher rows of the labelled positions only (the trainer's), else one per position."""
+    samples hold the teacher rows of the labelled positions only (the trainer's), else one per position.
+    ``teacher_shards``: a ``kdfast.train.teachers.TeacherStack`` (compact)."""
+    if config.teacher_shards:
+        return open_teacher_stack(config, rank, world_size, vocab_size)
     if len(config.train_dirs) == 1:
         return ShardDataset(config.train_dirs[0], seed=config.seed, rank=rank, world_size=world_size,
                             vocab_size=vocab_size, compact=compact)
@@ -203,7 +288,7 @@ def open_train_data(config: TrainConfig, rank: int, world_size: int, vocab_size:
                         world_size=world_size)
 
 
-class ShardMixture(torch.utils.data.Dataset):
+class ShardMixture(_SeveralDirectories):
     """Several shard directories as one dataset: sequence ``offset_i + j`` is sequence j of directory i
     (offsets: the running sum of their sizes), ordered by a ``MixtureSampler`` (``.sampler``).
 
@@ -220,13 +305,6 @@ class ShardMixture(torch.utils.data.Dataset):
                                       world_size=world_size)
         self.offsets = self.sampler.offsets
 
-    kind = property(lambda self: self.parts[0].kind)
-    k = property(lambda self: self.parts[0].k)
-    vocab_size = property(lambda self: self.parts[0].vocab_size)
-    capture_temperature = property(lambda self: self.parts[0].capture_temperature)
-    index_dtype = property(lambda self: self.parts[0].index_dtype)
-    values_dtype = property(lambda self: self.parts[0].values_dtype)
-    compact = property(lambda self: self.parts[0].compact)
     learned_tokens = property(lambda self: sum(part.learned_tokens for part in self.parts))
     total_tokens = property(lambda self: sum(part.total_tokens for part in self.parts))
 

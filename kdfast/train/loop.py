@@ -70,6 +70,7 @@ from kdfast._backend import resolve_device
 from kdfast.train.parallel import barrier, gradient_sync, init_distributed, sum_over_ranks, wrap
 from kdfast.train.student import (DistillationModule, build_student, check_packing_isolates, student_tokenizer,
                                   student_vocab)
+from kdfast.train.teachers import HiddenStateLoss, LiveTeacher, is_on_policy, model_widths, student_continuations
 
 log = logging.getLogger("kdfast.train")
 
@@ -97,13 +98,17 @@ class Trainer:
         self.tokenizer = student_tokenizer(config)
         self.num_parameters = sum(p.numel() for p in self.student.parameters())
         vocab = student_vocab(self.student)
+        self.live_teacher = (LiveTeacher(config.teacher, config.teacher_dtype, self.device, vocab, config.student)
+                             if config.teacher else None)
         self.train_data = open_train_data(config, self.rank, self.world_size, vocab, compact=True)
         self.eval_data = (ShardDataset(config.eval_shards, shuffle=False, rank=self.rank, world_size=self.world_size,
                                        vocab_size=vocab, compact=True) if config.eval_shards else None)
         self.value_scale = check_teacher_targets(config, self.train_data, self.eval_data)
 
         self.autocast_dtype = torch.bfloat16 if config.bf16 and self.device.type == "cuda" else None
-        module = DistillationModule(self.student, self._loss_options(), autocast_dtype=self.autocast_dtype)
+        module = DistillationModule(self.student, self._loss_options(), autocast_dtype=self.autocast_dtype,
+                                    live_teacher=self.live_teacher, hidden_loss=self._hidden_loss(),
+                                    teacher_weights=config.teacher_weights or None)
         module.to(self.device)
         if config.packing:
             check_packing_isolates(self.student)
@@ -114,6 +119,7 @@ class Trainer:
         self.consumed = 0  # samples of all ranks trained on: the data position
         self.tokens = 0
         self.damaged = 0  # sequences skipped as damaged (skip_damaged), all ranks
+        self.generated = 0  # tokens the student wrote for on-policy micro-batches, this rank
         self.elapsed = 0.0
         self.last_eval: dict = {}
         self.last_checkpoint: Path | None = None
@@ -137,12 +143,25 @@ class Trainer:
         return functools.partial(pack, pack_length=self.config.pack_length) if self.config.packing else collate
 
     def _loss_options(self) -> dict:
-        """``fused_linear_kd_loss`` options (forward KL; the teacher kind comes from the manifest)."""
+        """``fused_linear_kd_loss`` options (the teacher kind comes from the manifest; a live teacher's are
+        logits)."""
         config = self.config
         tail = {"allow_tail_temperature": True} if config.tail else {}  # check_teacher_targets: T == capture T
-        return dict(teacher_kind=self.train_data.kind, tail=config.tail, temperature=config.temperature,
+        kind = "logits" if self.live_teacher is not None else self.train_data.kind
+        skew = {"alpha": config.alpha} if config.divergence.startswith("skew") else {}
+        return dict(teacher_kind=kind, tail=config.tail, temperature=config.temperature,
                     hard_weight=config.hard_weight, soft_weight=config.soft_weight, scale_t2=config.scale_t2,
-                    chunk_size=config.chunk_size or None, backend=config.loss_backend or None, **tail)
+                    divergence=config.divergence, beta=config.beta, chunk_size=config.chunk_size or None,
+                    backend=config.loss_backend or None, **tail, **skew)
+
+    def _hidden_loss(self) -> HiddenStateLoss | None:
+        """``hidden_loss``'s module (with its projections), or None."""
+        config = self.config
+        if not config.hidden_loss:
+            return None
+        torch.manual_seed(config.seed)
+        return HiddenStateLoss(config.hidden_loss, config.hidden_loss_weight, config.hidden_layer_map,
+                               *model_widths(self.student), *model_widths(self.live_teacher.model))
 
     def _prepare_run_dir(self) -> None:
         """Resume from the newest checkpoint, or start fresh in a directory without checkpoints; a finished
@@ -170,31 +189,42 @@ class Trainer:
         damaged = apply_damage_policy(batch.pop("damaged"), skip=self.config.skip_damaged)
         batch = {name: t.to(self.device, non_blocking=True) for name, t in batch.items() if name != "num_tokens"}
         if self.value_scale != 1.0:
-            batch["teacher_values"] = batch["teacher_values"] * self.value_scale
+            batch.update({name: t * self.value_scale for name, t in batch.items() if name.startswith("teacher_values")})
         return batch, damaged
 
-    def _next_micro_batch(self) -> tuple[dict, torch.Tensor]:
-        """The next training micro-batch on the device, and its [damaged, sequence tokens, positions]."""
+    def _next_micro_batch(self, index: int) -> tuple[dict, bool, torch.Tensor]:
+        """Micro-batch ``index`` of the next step on the device, whether the student wrote it (on-policy),
+        and its [damaged, sequence tokens, positions, written tokens, generation seconds]."""
+        config = self.config
         batch = next(self._batches)
         tokens, positions = batch["num_tokens"], batch["input_ids"].numel()
         batch, damaged = self._to_device(batch)
-        return batch, torch.tensor([damaged, tokens, positions], dtype=torch.float64)
+        written, seconds = 0, 0.0
+        on_policy = is_on_policy(config.seed, self.step + 1, index, config.on_policy_fraction)
+        if on_policy:
+            batch, written, seconds = student_continuations(
+                self.student, batch, max_new_tokens=config.max_new_tokens,
+                temperature=config.generation_temperature, seed=(config.seed, self.step + 1, index, self.rank))
+            tokens, positions = batch.pop("num_tokens"), batch["input_ids"].numel()
+        return batch, on_policy, torch.tensor([damaged, tokens, positions, written, seconds], dtype=torch.float64)
 
     def accumulate_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward over the next step's ``grad_accum_steps`` micro-batches: the gradients are
         in the parameters' ``.grad`` (the optimizer does not step; ``train_step`` does). Returns the
         global number of learned tokens (the loss divisor) and this rank's float64 sums [loss, ce * n,
-        kd * n, damaged sequences, sequence tokens, positions]."""
+        kd * n, hidden-state term, damaged sequences, sequence tokens, positions, written tokens, generation
+        seconds]."""
         self.model.train()
-        batches, counts = zip(*(self._next_micro_batch() for _ in range(self.config.grad_accum_steps)))
+        batches, on_policy, counts = zip(*(self._next_micro_batch(i) for i in range(self.config.grad_accum_steps)))
         num_items = sum_over_ranks(sum(_active(b) for b in batches).double()).clamp(min=1)
-        sums = torch.zeros(6, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(9, dtype=torch.float64, device=self.device)
         for i, batch in enumerate(batches):
             with gradient_sync(self.model, enabled=i == len(batches) - 1):
-                loss, parts = self.model(batch, num_items=num_items)
+                loss, parts, hidden_term = self.model(batch, num_items=num_items, on_policy=on_policy[i])
                 (loss * self.world_size).backward()
-            sums[:3] += torch.stack([loss.detach(), parts.ce * _active(batch), parts.kd * _active(batch)]).double()
-        sums[3:] = sum(counts)
+            sums[:4] += torch.stack([loss.detach(), parts.ce * _active(batch), parts.kd * _active(batch),
+                                     hidden_term]).double()
+        sums[4:] = sum(counts)
         return num_items, sums
 
     def train_step(self, stop: StopRequest | None = None) -> dict:
@@ -207,7 +237,8 @@ class Trainer:
                                              device=self.device)])
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm or math.inf)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        loss_sum, ce_sum, kd_sum, damaged, sequence_tokens, positions, stops = sum_over_ranks(sums).tolist()
+        (loss_sum, ce_sum, kd_sum, hidden_sum, damaged, sequence_tokens, positions, written, generation_s,
+         stops) = sum_over_ranks(sums).tolist()
         self._check_finite(loss_sum, grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -218,10 +249,12 @@ class Trainer:
         self.consumed += self.global_batch
         self.tokens += tokens
         self.damaged += int(damaged)
+        self.generated += int(written)
         self.elapsed += time.perf_counter() - started
-        return {"loss": loss_sum, "ce": ce_sum / tokens, "kd": kd_sum / tokens, "lr": lr, "grad_norm": grad_norm,
-                "tokens": tokens, "sequence_tokens": int(sequence_tokens), "positions": int(positions),
-                "damaged": int(damaged), "stop": stops > 0}
+        return {"loss": loss_sum, "ce": ce_sum / tokens, "kd": kd_sum / tokens, "hidden": hidden_sum, "lr": lr,
+                "grad_norm": grad_norm, "tokens": tokens, "sequence_tokens": int(sequence_tokens),
+                "positions": int(positions), "damaged": int(damaged), "generated_tokens": int(written),
+                "generation_s": generation_s / self.world_size, "stop": stops > 0}
 
     def _check_finite(self, loss: float, grad_norm: float) -> None:
         if math.isfinite(loss) and math.isfinite(grad_norm):
@@ -246,7 +279,7 @@ class Trainer:
                    disable=not (config.progress and self.rank == 0))
         if self.eval_data is not None and self.step == 0:
             self._evaluate_and_log()
-        window = _Window()
+        window = _Window(hidden=bool(config.hidden_loss), on_policy=config.on_policy_fraction > 0)
         status = "completed"
         with StopRequest() as stop, bar:
             while self.step < config.max_steps:
@@ -288,8 +321,19 @@ class Trainer:
         return (f"kdfast train: student {type(self.student).__name__} with {self.num_parameters:,} parameters, "
                 f"device {self.device}, dtype {precision}, data {len(data):,} sequences with "
                 f"{data.learned_tokens:,} learned tokens ({directories} director{'y' if directories == 1 else 'ies'}"
-                f"{', packed' if config.packing else ''}), steps {self.step} -> {config.max_steps} "
-                f"of {self.global_batch} sequences")
+                f"{', packed' if config.packing else ''}), teacher {self._teacher_description()}, "
+                f"steps {self.step} -> {config.max_steps} of {self.global_batch} sequences")
+
+    def _teacher_description(self) -> str:
+        config = self.config
+        if self.live_teacher is not None:
+            extras = [f"{config.divergence}"] + ([f"on-policy {config.on_policy_fraction:g}"]
+                                                 if config.on_policy_fraction else [])
+            extras += [f"hidden {config.hidden_loss} x{len(config.hidden_layer_map)}"] if config.hidden_loss else []
+            return f"live {config.teacher} ({config.teacher_dtype}, {', '.join(extras)})"
+        if config.teacher_shards:
+            return f"{len(config.teacher_shards)} shard sets weighted {config.teacher_weights}"
+        return "shards"
 
     def _print(self, line: str) -> None:
         if self.rank == 0:
@@ -347,7 +391,8 @@ class Trainer:
         if self.last_checkpoint != path:
             state = {"step": self.step, "epoch": self._epoch(), "consumed_samples": self.consumed,
                      "world_size": self.world_size, "tokens": self.tokens, "damaged_sequences": self.damaged,
-                     "elapsed_s": self.elapsed, "config": self.config.to_dict()}
+                     "elapsed_s": self.elapsed, "config": self.config.to_dict(),
+                     "teacher_identity": self.live_teacher.identity() if self.live_teacher is not None else None}
             checkpoint.save_checkpoint(path, self.model, self.optimizer, self.scheduler, state,
                                        keep=self.config.keep_checkpoints)
             self.last_checkpoint = path
@@ -359,12 +404,22 @@ class Trainer:
         if state["consumed_samples"] % self.world_size:
             raise ValueError(f"{path}: {state['consumed_samples']} consumed samples cannot be split over "
                              f"world_size={self.world_size}")
+        self._check_teacher_identity(state.get("teacher_identity"), path)
         checkpoint.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         self.step, self.consumed = state["step"], state["consumed_samples"]
         self.tokens, self.elapsed = state["tokens"], state["elapsed_s"]
         self.damaged = state.get("damaged_sequences", 0)
         self.last_checkpoint = path
         log.info("resumed from %s (step %d, epoch %d)", path, self.step, state["epoch"])
+
+    def _check_teacher_identity(self, saved: str | None, path: Path) -> None:
+        """The live teacher is not checkpointed: the one given now must be the one the run trained with."""
+        if self.live_teacher is None or saved is None:
+            return
+        if self.live_teacher.identity() != saved:
+            raise ValueError(f"{path}: the run was trained with another teacher than teacher = "
+                             f"{self.config.teacher!r} (its config, tokenizer or weight files differ); resume with the "
+                             "same teacher or start a new run_dir")
 
     def _warn_config_changes(self, saved: dict, path: Path) -> None:
         changed = {k: (saved.get(k), v) for k, v in self.config.to_dict().items()
@@ -428,11 +483,14 @@ def _active(batch: dict) -> torch.Tensor:
 
 
 class _Window:
-    """Sums of the steps since the last metrics line."""
+    """Sums of the steps since the last metrics line; ``hidden`` / ``on_policy``: also the hidden-state
+    term and the student's generation."""
 
-    SUMMED = ("loss", "ce", "kd", "tokens", "sequence_tokens", "positions")
+    SUMMED = ("loss", "ce", "kd", "hidden", "tokens", "sequence_tokens", "positions", "generated_tokens",
+              "generation_s")
 
-    def __init__(self):
+    def __init__(self, hidden: bool = False, on_policy: bool = False):
+        self.hidden, self.on_policy = hidden, on_policy
         self.reset()
 
     def reset(self) -> None:
@@ -445,12 +503,20 @@ class _Window:
             self.sums[key] += stats[key]
 
     def means(self) -> dict:
-        """Mean loss, ce, kd per step; learned tokens per second; padded positions / all positions."""
+        """Mean loss, ce, kd (and hidden) per step; learned tokens per second; padded positions / all
+        positions; on-policy: the student's written tokens per second of generation and the share of the
+        time spent generating (``learned_tokens_per_s`` counts the whole time)."""
         seconds = max(time.perf_counter() - self.start, 1e-9)
         sums = self.sums
-        return {"loss": sums["loss"] / self.steps, "ce": sums["ce"] / self.steps, "kd": sums["kd"] / self.steps,
-                "learned_tokens_per_s": sums["tokens"] / seconds,
-                "padding_fraction": 1 - sums["sequence_tokens"] / max(sums["positions"], 1)}
+        means = {"loss": sums["loss"] / self.steps, "ce": sums["ce"] / self.steps, "kd": sums["kd"] / self.steps,
+                 "learned_tokens_per_s": sums["tokens"] / seconds,
+                 "padding_fraction": 1 - sums["sequence_tokens"] / max(sums["positions"], 1)}
+        if self.hidden:
+            means["hidden"] = sums["hidden"] / self.steps
+        if self.on_policy:
+            means["generation_tokens_per_s"] = sums["generated_tokens"] / max(sums["generation_s"], 1e-9)
+            means["generation_fraction"] = sums["generation_s"] / seconds
+        return means
 
 
 class StopRequest:
