@@ -7,9 +7,10 @@
 One file per job, read in this order:
 
     config.py      TrainConfig: every key, TOML + command line (imports no torch)
-    data.py        shard datasets against the loss options, mixtures, damaged sequences, padded or packed
-                   batches, micro-batches
+    data.py        shard datasets against the loss options, mixtures, several teachers' shard sets,
+                   damaged sequences, padded or packed batches, micro-batches
     student.py     the student (Hugging Face or the nn.Module protocol) + the fused loss: DistillationModule
+    teachers.py    a live teacher beside the student, the hidden-state loss, on-policy micro-batches
     optim.py       AdamW and the warmup-cosine schedule
     parallel.py    torchrun process group, device, DDP / FSDP2, gradient sync
     checkpoint.py  torch.distributed.checkpoint save / load, RNG states, atomic publish, the final model

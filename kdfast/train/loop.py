@@ -119,7 +119,6 @@ class Trainer:
         self.consumed = 0  # samples of all ranks trained on: the data position
         self.tokens = 0
         self.damaged = 0  # sequences skipped as damaged (skip_damaged), all ranks
-        self.generated = 0  # tokens the student wrote for on-policy micro-batches, this rank
         self.elapsed = 0.0
         self.last_eval: dict = {}
         self.last_checkpoint: Path | None = None
@@ -249,7 +248,6 @@ class Trainer:
         self.consumed += self.global_batch
         self.tokens += tokens
         self.damaged += int(damaged)
-        self.generated += int(written)
         self.elapsed += time.perf_counter() - started
         return {"loss": loss_sum, "ce": ce_sum / tokens, "kd": kd_sum / tokens, "hidden": hidden_sum, "lr": lr,
                 "grad_norm": grad_norm, "tokens": tokens, "sequence_tokens": int(sequence_tokens),
