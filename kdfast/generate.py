@@ -47,6 +47,7 @@ from tqdm import tqdm
 from kdfast._backend import resolve_device
 from kdfast.capture import (_CHUNK_ELEMENTS, _parse_dtype, _tokenizer_beside, load_teacher, tokenizer_identity,
                             topk_targets, transformers_progress_bars)
+from kdfast.hf import left_padded
 from kdfast.served import Generated, ServedTeacher
 from kdfast.shards.writer import ShardWriter
 from kdfast.sources import sequence_mask
@@ -205,12 +206,9 @@ class _LocalTeacher:
         from transformers import GenerationConfig
 
         self.load()
-        longest = max(len(ids) for ids in prompts)
-        input_ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.int64)  # [B, P] left-padded
-        attention_mask = torch.zeros((len(prompts), longest), dtype=torch.int64)
-        for row, ids in enumerate(prompts):
-            input_ids[row, longest - len(ids):] = torch.from_numpy(ids.astype(np.int64))
-            attention_mask[row, longest - len(ids):] = 1
+        input_ids, attention_mask = left_padded([torch.from_numpy(ids.astype(np.int64)) for ids in prompts],
+                                                self.pad_id)  # [B, P]
+        longest = input_ids.shape[1]
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
             dict(do_sample=False)
         config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,

@@ -87,6 +87,19 @@ def hidden_and_head(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return hidden, weight, getattr(head, "bias", None)
 
 
+def left_padded(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` [B, P] (P = the longest prompt, at least 1) of 1-D int64
+    ``prompts`` right-aligned (left-padded with ``pad_id``), as ``model.generate`` takes a batch."""
+    longest = max(1, *(len(ids) for ids in prompts))
+    device = prompts[0].device
+    input_ids = torch.full((len(prompts), longest), pad_id, dtype=torch.int64, device=device)
+    attention_mask = torch.zeros((len(prompts), longest), dtype=torch.int64, device=device)
+    for row, ids in enumerate(prompts):
+        input_ids[row, longest - len(ids):] = ids
+        attention_mask[row, longest - len(ids):] = 1
+    return input_ids, attention_mask
+
+
 def shift_labels(
     input_ids: torch.Tensor,  # [B, L]
     attention_mask: torch.Tensor | None = None,  # [B, L]

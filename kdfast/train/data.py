@@ -248,15 +248,15 @@ class TeacherStack(_SeveralDirectories):
 
 
 def _check_same_sequences(parts: list[ShardDataset], paths: list[str]) -> None:
+    """The teachers' directories hold the same kind of targets (k may differ) over the same sequences."""
+    check_same_targets(parts, paths, ("kind", "vocab_size", "capture_temperature"), key="teacher_shards")
     first = parts[0]
     for part, path in zip(parts[1:], paths[1:]):
-        for what, mine, theirs in (("kind", part.kind, first.kind), ("vocab_size", part.vocab_size, first.vocab_size),
-                                   ("capture_temperature", part.capture_temperature, first.capture_temperature),
-                                   ("sequences", len(part), len(first)),
+        for what, mine, theirs in (("sequences", len(part), len(first)),
                                    ("learned tokens", part.learned_tokens, first.learned_tokens)):
             if mine != theirs:
                 raise ValueError(f"teacher_shards: {path} has {what} {mine!r} but {paths[0]} has {theirs!r}; the "
-                                 "directories must be captures of the same sequences with the same kind of targets")
+                                 "directories must be captures of the same sequences")
         sources = [p.manifest.get("source") for p in (first, part)]
         if None in sources or sources[0] != sources[1]:
             raise ValueError(f"teacher_shards: the manifests of {paths[0]} and {path} do not record the same source "
@@ -316,18 +316,21 @@ class ShardMixture(_SeveralDirectories):
         return self.parts[part][int(index - self.offsets[part])]
 
 
-def check_same_targets(parts: list[ShardDataset], paths: list[str]) -> None:
-    """Mixed directories hold the same kind of targets for the same vocabulary (``SHARED_TARGET_FIELDS``)."""
+def check_same_targets(parts: list[ShardDataset], paths: list[str], fields: tuple[str, ...] = (),
+                       key: str = "train_shards") -> None:
+    """The directories of ``key`` agree on the manifest ``fields`` (default ``SHARED_TARGET_FIELDS``: the same
+    kind of targets for the same vocabulary); different tokenizer files are a warning."""
+    fields = fields or SHARED_TARGET_FIELDS
     first = parts[0].manifest
     for part, path in zip(parts[1:], paths[1:]):
-        for key in SHARED_TARGET_FIELDS:
-            if part.manifest[key] != first[key]:
-                raise ValueError(f"train_shards: {path} has {key} = {part.manifest[key]!r} but {paths[0]} has "
-                                 f"{first[key]!r}; mixed directories must agree on {', '.join(SHARED_TARGET_FIELDS)}")
+        for name in fields:
+            if part.manifest[name] != first[name]:
+                raise ValueError(f"{key}: {path} has {name} = {part.manifest[name]!r} but {paths[0]} has "
+                                 f"{first[name]!r}; the directories must agree on {', '.join(fields)}")
         tokenizers = [(m.get("tokenizer") or {}).get("fingerprint") for m in (first, part.manifest)]
         if None not in tokenizers and tokenizers[0] != tokenizers[1]:
-            log.warning("train_shards: %s and %s were captured with different tokenizer files (same vocabulary "
-                        "size); check that they are one tokenizer", paths[0], path)
+            log.warning("%s: %s and %s were captured with different tokenizer files (same vocabulary size); check "
+                        "that they are one tokenizer", key, paths[0], path)
 
 
 def epoch_quotas(sizes: list[int], weights: list[float]) -> list[int]:

@@ -98,7 +98,7 @@ class Trainer:
         self.tokenizer = student_tokenizer(config)
         self.num_parameters = sum(p.numel() for p in self.student.parameters())
         vocab = student_vocab(self.student)
-        self.live_teacher = (LiveTeacher(config.teacher, config.teacher_dtype, self.device, vocab, config.student)
+        self.live_teacher = (LiveTeacher(config.teacher, config.teacher_dtype, self.device, vocab, self.tokenizer)
                              if config.teacher else None)
         self.train_data = open_train_data(config, self.rank, self.world_size, vocab, compact=True)
         self.eval_data = (ShardDataset(config.eval_shards, shuffle=False, rank=self.rank, world_size=self.world_size,
@@ -390,7 +390,7 @@ class Trainer:
             state = {"step": self.step, "epoch": self._epoch(), "consumed_samples": self.consumed,
                      "world_size": self.world_size, "tokens": self.tokens, "damaged_sequences": self.damaged,
                      "elapsed_s": self.elapsed, "config": self.config.to_dict(),
-                     "teacher_identity": self.live_teacher.identity() if self.live_teacher is not None else None}
+                     "teacher_identity": self.live_teacher.identity if self.live_teacher is not None else None}
             checkpoint.save_checkpoint(path, self.model, self.optimizer, self.scheduler, state,
                                        keep=self.config.keep_checkpoints)
             self.last_checkpoint = path
@@ -414,7 +414,7 @@ class Trainer:
         """The live teacher is not checkpointed: the one given now must be the one the run trained with."""
         if self.live_teacher is None or saved is None:
             return
-        if self.live_teacher.identity() != saved:
+        if self.live_teacher.identity != saved:
             raise ValueError(f"{path}: the run was trained with another teacher than teacher = "
                              f"{self.config.teacher!r} (its config, tokenizer or weight files differ); resume with the "
                              "same teacher or start a new run_dir")

@@ -197,9 +197,8 @@ class DistillationModule(nn.Module):
         with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
             if self.hf:
-                kwargs = {"position_ids": position_ids, "output_hidden_states": True} if all_states else \
-                    {"position_ids": position_ids}
-                outputs, weight, bias = hf.hidden_and_head(self.student, input_ids, return_outputs=True, **kwargs)
+                outputs, weight, bias = hf.hidden_and_head(self.student, input_ids, position_ids=position_ids,
+                                                           output_hidden_states=all_states, return_outputs=True)
                 hidden = outputs.last_hidden_state
                 states = outputs.hidden_states if all_states else None
             else:

@@ -25,8 +25,9 @@ On-policy (``on_policy_fraction``). Micro-batch m of step s is on-policy when
 a resumed run makes the same choices. Its sequences are cut to their prompts (the tokens before the
 first learned position; a sequence learned from its start keeps its first half), the student writes
 up to ``max_new_tokens`` after each (sampling at ``generation_temperature`` from its full
-distribution, 0 = greedy; it stops at its EOS), with torch's RNG seeded from (seed, step, micro-batch)
-inside ``fork_rng``, so the run's other random numbers are untouched. Only the written tokens are
+distribution, 0 = greedy, none of its own generation defaults applied; it stops at its EOS), with
+torch's RNG seeded from (seed, step, micro-batch, rank) inside ``fork_rng``, so the run's other
+random numbers are untouched. Only the written tokens are
 learned; the hard cross-entropy is off on these batches (it would teach the student its own samples).
 
 Several teachers from shards (``teacher_shards``) are data: ``kdfast.train.data.TeacherStack``.
@@ -50,15 +51,18 @@ log = logging.getLogger("kdfast.train")
 
 
 class LiveTeacher:
-    """A frozen Hugging Face causal LM beside the student (module docstring)."""
+    """A frozen Hugging Face causal LM beside the student (module docstring). ``student_tokenizer``: the
+    student's (None: not known); when the teacher directory holds a tokenizer too, their vocabularies
+    must be equal."""
 
-    def __init__(self, path: str, dtype: str, device: torch.device, student_vocab: int, student_dir: str = ""):
+    def __init__(self, path: str, dtype: str, device: torch.device, student_vocab: int, student_tokenizer=None):
         from transformers import AutoModelForCausalLM
+
+        from kdfast.capture import _files_fingerprint
 
         directory = Path(path)
         if not (directory / "config.json").is_file():
             raise ValueError(f"teacher {path!r}: not a Hugging Face model directory (no config.json)")
-        self.path = directory
         self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype)).to(device)
         self.model.eval().requires_grad_(False)
         vocab = self.model.get_output_embeddings().weight.shape[0]
@@ -66,41 +70,32 @@ class LiveTeacher:
             raise ValueError(f"teacher {path!r} has a vocabulary of {vocab} tokens but the student has {student_vocab}; "
                              "the teacher and the student must share the tokenizer (cross-tokenizer distillation is "
                              "not supported)")
-        _check_same_tokenizer(directory, Path(student_dir) if student_dir else None)
-        self.num_layers = self.model.config.num_hidden_layers
-
-    def identity(self) -> str:
-        from kdfast.capture import _files_fingerprint
-
-        return _files_fingerprint(self.path)
+        _check_same_tokenizer(directory, student_tokenizer)
+        self.identity = _files_fingerprint(directory)  # config, tokenizer and weight files: checked on resume
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, all_states: bool):
         """(last hidden [B, L, Ht], hidden_states tuple or None, head weight [V, Ht], head bias [V] or None)."""
-        kwargs = {} if position_ids is None else {"position_ids": position_ids}
         with torch.autocast(input_ids.device.type, enabled=False):
-            states, weight, bias = hf.hidden_and_head(self.model, input_ids, output_hidden_states=all_states,
-                                                      return_outputs=True, **kwargs)
-        last = states.last_hidden_state if hasattr(states, "last_hidden_state") else states[0]
-        return last, (states.hidden_states if all_states else None), weight, bias
+            outputs, weight, bias = hf.hidden_and_head(self.model, input_ids, position_ids=position_ids,
+                                                       output_hidden_states=all_states, return_outputs=True)
+        return outputs.last_hidden_state, (outputs.hidden_states if all_states else None), weight, bias
 
 
-def _check_same_tokenizer(teacher_dir: Path, student_dir: Path | None) -> None:
-    """Both directories hold tokenizers: their vocabularies must be equal (ValueError otherwise)."""
+def _check_same_tokenizer(teacher_dir: Path, student_tokenizer) -> None:
+    """The teacher directory's tokenizer (if it holds one) has the student tokenizer's vocabulary."""
     from kdfast.train.student import TOKENIZER_FILES
 
-    if student_dir is None or not student_dir.is_dir():
-        return
-    if not all(any((d / f).exists() for f in TOKENIZER_FILES) for d in (teacher_dir, student_dir)):
+    if student_tokenizer is None or not any((teacher_dir / f).exists() for f in TOKENIZER_FILES):
         return
     from transformers import AutoTokenizer
 
     teacher_vocab = AutoTokenizer.from_pretrained(teacher_dir).get_vocab()
-    student_vocab = AutoTokenizer.from_pretrained(student_dir).get_vocab()
+    student_vocab = student_tokenizer.get_vocab()
     if teacher_vocab != student_vocab:
         differing = sorted(set(teacher_vocab.items()) ^ set(student_vocab.items()))[:3]
-        raise ValueError(f"teacher {teacher_dir} and student {student_dir} have different tokenizers (e.g. "
-                         f"{differing}); cross-tokenizer distillation is not supported")
+        raise ValueError(f"teacher {teacher_dir} and the student have different tokenizers (e.g. {differing}); "
+                         "cross-tokenizer distillation is not supported")
 
 
 # --- hidden-state loss ---------------------------------------------------------------------------
@@ -182,24 +177,21 @@ def student_continuations(student: nn.Module, batch: dict, *, max_new_tokens: in
     rows = prompts(batch)
     eos = _eos_ids(student)
     pad = 0
-    width = max(len(p) for p in rows)
-    ids = torch.full((len(rows), max(width, 1)), pad, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for r, prompt in enumerate(rows):  # left padding
-        ids[r, width - len(prompt):] = prompt
-        mask[r, width - len(prompt):] = 1
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                              temperature=temperature if temperature > 0 else None, top_k=0, top_p=1.0,
-                              pad_token_id=pad, eos_token_id=eos)
-    training = student.training
+    ids, mask = hf.left_padded(rows, pad)  # [B, P]
+    sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else \
+        dict(do_sample=False)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos, **sampling)
+    training, defaults = student.training, student.generation_config
     student.eval()
+    student.generation_config = GenerationConfig()  # none of the student's own defaults (e.g. a repetition penalty)
     devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(int(np.random.default_rng(list(seed)).integers(2**62)))
-            written = student.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, width:]
+            written = student.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
     finally:
         student.train(training)
+        student.generation_config = defaults
     sequences, labels, count = [], [], 0
     for prompt, new in zip(rows, written):
         new = _until_eos(new, eos) if len(prompt) else new[:0]
